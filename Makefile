@@ -1,0 +1,38 @@
+# capsctl: make install | test | demo | bench | clean
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Where the demo and the real-data tests look for MNIST (IDX files). A copy beside the checkout
+# is used when present; otherwise the demo downloads MNIST into the cache folder.
+CAPSCTL_DATA ?= $(if $(wildcard ../shared/datasets/mnist),../shared/datasets/mnist,)
+export CAPSCTL_DATA
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# A short MNIST run, its evaluation, and the pictures (reconstructions, perturbations, routes).
+demo: $(STAMP)
+	$(VENV)/bin/capsctl train configs/mnist-quick.yaml --name demo --force $(if $(CAPSCTL_DATA),,--set data.download=true)
+	$(VENV)/bin/capsctl eval runs/demo/checkpoints/best.pt --dataset mnist
+	$(VENV)/bin/capsctl reconstruct runs/demo/checkpoints/best.pt --out runs/demo/reconstruct.png
+	$(VENV)/bin/capsctl perturb runs/demo/checkpoints/best.pt --out runs/demo/perturb.png
+	$(VENV)/bin/capsctl routes runs/demo/checkpoints/best.pt --out runs/demo/routes.png
+	@echo "pictures: runs/demo/reconstruct.png runs/demo/perturb.png runs/demo/routes.png"
+
+bench: $(STAMP)
+	$(VENV)/bin/capsctl bench configs/mnist.yaml --set train.batch_size=100
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,116 @@
+"""Checkpoints: a plain dict of tensors and plain values, written atomically, loaded safely.
+
+Written to a temporary file in the same folder, fsynced, then renamed over the old one, so a
+crash at any moment leaves either the old or the new checkpoint, never a torn one. Loaded with
+``torch.load(weights_only=True)``: a checkpoint can hold tensors and plain containers only and can
+never execute code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capsctl import config as config_mod
+from capsctl.errors import CheckpointError, TrainingError
+
+FORMAT_VERSION = 1
+REQUIRED = ("format_version", "model", "config")
+
+
+def save(path: str | Path, state: dict[str, Any]) -> None:
+    """Atomically write ``state`` (plus the format version) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format_version": FORMAT_VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise TrainingError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous "
+                            "checkpoint is intact - free space or fix permissions, then "
+                            "--resume") from None
+    try:  # make the rename durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint; every failure is a one-line CheckpointError."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            raise CheckpointError(f"{path} is a folder without checkpoints/best.pt; pass a .pt "
+                                  "file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e).split("\n")[0]
+        if "Weights only load failed" in str(e) or "weights_only" in str(e):
+            raise CheckpointError(f"{path}: refused to load - the file contains objects other "
+                                  "than tensors and plain values (it could run code); only "
+                                  "capsctl checkpoints are accepted") from None
+        raise CheckpointError(f"{path}: not a capsctl checkpoint ({msg})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).split("\n")[0][:200]
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: "
+                              f"{first})") from None
+    except Exception as e:  # any other unpickling failure is still a bad file, not a bug
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
+        raise CheckpointError(f"{path}: not a capsctl checkpoint (missing "
+                              f"{', '.join(k for k in REQUIRED if not isinstance(state, dict) or k not in state)})")
+    version = state["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this "
+                              f"capsctl understands ({FORMAT_VERSION}); upgrade capsctl")
+    return state
+
+
+def config_of(state: dict, path: str | Path = "checkpoint") -> config_mod.Config:
+    try:
+        return config_mod.from_dict(state["config"], source=f"{path} (config)")
+    except Exception as e:
+        raise CheckpointError(f"{path}: the config stored in the checkpoint is invalid: {e}") \
+            from None
+
+
+def load_model(path: str | Path, device: torch.device):
+    """(model in eval mode on ``device``, config, state) from a checkpoint alone."""
+    from capsctl.models import build_model
+
+    state = load(path)
+    cfg = config_of(state, path)
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).split("\n")[0][:200]
+        raise CheckpointError(f"{path}: the weights do not match the model its config describes "
+                              f"({first})") from None
+    return model.to(device).eval(), cfg, state

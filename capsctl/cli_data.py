@@ -1,0 +1,3 @@
+"""capsctl data ...: dataset generators (registered on capsctl.cli.app)."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""reconstruct, perturb and routes: pictures from a checkpoint (registered on capsctl.cli.app)."""
+
+from __future__ import annotations

@@ -1,0 +1,63 @@
+"""Device choice, precision (autocast) and process set-up shared by every command."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+
+import torch
+
+from capsctl.errors import CapsctlError
+
+
+def resolve(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an error, not a fallback."""
+    name = (name or "auto").strip()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise CapsctlError(f"--device {name}: CUDA is not available on this machine "
+                               "(use --device cpu or --device auto)")
+        if ":" in name and int(name[5:]) >= torch.cuda.device_count():
+            raise CapsctlError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
+                               "device(s) present")
+        return torch.device(name)
+    raise CapsctlError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the matmuls and convolutions; a no-op for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def tune_allocator() -> bool:
+    """Keep freed large blocks in the process heap (glibc): no mmap/munmap churn per step.
+
+    glibc hands every allocation above its mmap threshold back to the OS on free, so each
+    training step faults tens of MB of fresh pages in again. Serving large blocks from the heap
+    and never trimming it removes that system time. Returns True when applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
+        ok &= libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"

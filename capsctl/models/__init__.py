@@ -1,0 +1,29 @@
+"""Model registry: ``model.name`` -> (module class, loss function). Plain dicts."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from capsctl.config import Config, ModelConfig
+from capsctl.models.capsnet import CapsNet
+from capsctl.models.losses import capsnet_losses
+
+# model.name -> module class built from ModelConfig
+MODELS: dict[str, type[nn.Module]] = {"capsnet": CapsNet}
+# model.name -> fn(out, batch, cfg: Config, step: int) -> dict of named scalar terms incl. "total"
+LOSSES = {"capsnet": lambda out, batch, cfg, step: capsnet_losses(out, batch, cfg.loss)}
+
+
+def build_model(m: ModelConfig) -> nn.Module:
+    return MODELS[m.name](m)
+
+
+def loss_fn(cfg: Config):
+    """The loss function of the configured model: ``fn(out, batch, step=0) -> dict of terms``
+    (``step`` serves losses with schedules, e.g. a rising margin)."""
+    fn = LOSSES[cfg.model.name]
+    return lambda out, batch, step=0: fn(out, batch, cfg, step)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

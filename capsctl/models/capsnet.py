@@ -1,0 +1,76 @@
+"""The CapsNet of Sabour, Frosst & Hinton (2017): Conv1 -> PrimaryCaps -> DigitCaps (routed)
+-> decoder from the masked class capsules.
+
+forward(x, y=None) returns a dict:
+  v        (B, J, D)  class capsule vectors (fp32)
+  scores   (B, J)     their lengths, the class probabilities used for prediction
+  recon    (B, C*H*W) reconstruction from the capsule of ``y`` (training) or of the prediction
+  routing  list of (B, I, J) coupling coefficients per pass, when ``keep_routing``
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capsctl.config import ModelConfig
+from capsctl.models.capsules import PrimaryCaps, RoutedCapsules, safe_norm
+
+
+def primary_grid(m: ModelConfig) -> int:
+    conv1_out = m.input_size - m.conv1_kernel + 1
+    return (conv1_out - m.primary_kernel) // m.primary_stride + 1
+
+
+class Decoder(nn.Module):
+    """FC ReLU layers then a sigmoid output of one image: the masked capsules -> pixels."""
+
+    def __init__(self, in_features: int, hidden: list[int], out_features: int):
+        super().__init__()
+        layers, width = [], in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
+            width = h
+        layers += [nn.Linear(width, out_features), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, masked_BJD: torch.Tensor) -> torch.Tensor:
+        return self.net(masked_BJD.flatten(1))
+
+
+class CapsNet(nn.Module):
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.cfg = m
+        self.conv1 = nn.Conv2d(m.in_channels, m.conv1_channels, m.conv1_kernel)
+        self.primary = PrimaryCaps(m.conv1_channels, m.primary_types, m.primary_dim,
+                                   m.primary_kernel, m.primary_stride, m.primary_scale)
+        self.grid = primary_grid(m)
+        self.num_primary = m.primary_types * self.grid * self.grid
+        self.digits = RoutedCapsules(self.num_primary, m.num_classes, m.primary_dim, m.class_dim,
+                                     m.routing_iterations, m.transform_init_std, m.class_bias)
+        self.decoder = (Decoder(m.num_classes * m.class_dim, m.decoder_hidden,
+                                m.in_channels * m.input_size ** 2) if m.decoder else None)
+
+    def encode(self, x: torch.Tensor, keep_routing: bool = False):
+        h = F.relu(self.conv1(x))
+        u_BIP = self.primary(h)
+        return self.digits(u_BIP, keep_routing)
+
+    def decode(self, v_BJD: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
+        """Reconstruct from the capsule of ``classes_B`` alone (the others masked to zero)."""
+        mask_BJ = F.one_hot(classes_B, v_BJD.shape[1]).to(v_BJD.dtype)
+        return self.decoder(v_BJD * mask_BJ.unsqueeze(-1)).float()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                keep_routing: bool = False) -> dict:
+        v_BJD, couplings = self.encode(x, keep_routing)
+        scores_BJ = safe_norm(v_BJD)
+        out = {"v": v_BJD, "scores": scores_BJ}
+        if self.decoder is not None:
+            classes = y if y is not None else scores_BJ.argmax(dim=1)
+            out["recon"] = self.decode(v_BJD, classes)
+        if keep_routing:
+            out["routing"] = couplings
+        return out

@@ -1,0 +1,320 @@
+"""The training loop, top to bottom: build data and model, (resume), run epochs of shuffled
+device-resident batches, validate after each epoch, checkpoint, log, test the best model at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+from capsctl import checkpoint, data as data_mod
+from capsctl.config import Config, dump, to_dict
+from capsctl.device import autocast
+from capsctl.errors import CapsctlError, TrainingError
+from capsctl.evaluate import evaluate
+from capsctl.models import build_model, count_parameters, loss_fn as make_loss_fn
+from capsctl.writers import for_run
+
+CONFIG_FILE = "config.yaml"
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after writing last.pt."""
+
+    def __init__(self, signum: int, run_dir: Path, step: int):
+        self.signum, self.run_dir, self.step = signum, run_dir, step
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; last.pt "
+                         f"written. Resume with: capsctl train --resume {run_dir}")
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "checkpoints" / "best.pt"
+
+
+def prepare_run_dir(runs_root: Path, name: str, force: bool) -> Path:
+    """A new run folder. An existing one is an error, or with ``force`` is moved aside (never
+    deleted) to ``NAME.replaced-YYYYmmdd-HHMMSS``."""
+    run_dir = runs_root / name
+    if run_dir.exists():
+        if not force:
+            raise CapsctlError(f"run folder {run_dir} already exists; continue it with --resume "
+                               f"{run_dir}, pick another --name, or pass --force to move it aside")
+        aside = run_dir.with_name(f"{name}.replaced-{datetime.now():%Y%m%d-%H%M%S}")
+        shutil.move(str(run_dir), str(aside))
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True)
+    except OSError as e:
+        raise CapsctlError(f"cannot create run folder {run_dir}: {e.strerror or e}") from None
+    return run_dir
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """The authors' schedule: lr * decay^(step / decay_steps), smooth, floored at min_lr."""
+    o = cfg.optim
+    return max(o.lr * o.lr_decay ** (step / o.lr_decay_steps), o.min_lr)
+
+
+class SignalStop:
+    """First SIGINT/SIGTERM: remember it, let the current step finish. Second: exit at once
+    (checkpoints are only ever replaced by atomic rename, so nothing is torn)."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _compiled(model, enabled: bool, console: Console):
+    if not enabled:
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as e:  # compile unavailable on this platform / build
+        console.print(f"[yellow]warning:[/] torch.compile unavailable ({type(e).__name__}: {e}); "
+                      "training without it")
+        return model
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | None = None,
+          resume: bool = False, console: Console | None = None, show_progress: bool = True) -> dict:
+    console = console or Console(stderr=True)
+    paths = RunPaths(run_dir)
+    t = cfg.train
+
+    # --- data, model, optimizer -------------------------------------------------------------
+    torch.manual_seed(t.seed)
+    data = data_mod.build(cfg, device, data_root)
+    model = build_model(cfg.model).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
+                           betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                           weight_decay=cfg.optim.weight_decay)
+    losses_of = make_loss_fn(cfg)
+    steps_per_epoch = data.train.steps_per_epoch
+    if steps_per_epoch == 0:
+        raise CapsctlError(f"train.batch_size={t.batch_size} is larger than the training set "
+                           f"({len(data.train.data)} images)")
+    total_steps = t.epochs * steps_per_epoch
+    if t.max_steps:
+        total_steps = min(total_steps, t.max_steps)
+
+    # --- state: fresh or resumed ----------------------------------------------------------
+    step, epoch, k_start, best_acc, best_step = 0, 0, 0, -1.0, -1
+    accum: dict[str, torch.Tensor] = {}
+    if resume:
+        state = checkpoint.load(paths.last, map_location=device)
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CapsctlError(f"{paths.last}: does not match the configured model "
+                               f"({str(e).splitlines()[0][:160]})") from None
+        step, epoch, k_start = state["step"], state["epoch"], state["batch_in_epoch"]
+        best_acc, best_step = state["best_val_accuracy"], state["best_step"]
+        accum = {k: v.to(device) for k, v in state.get("log_accum", {}).items()}
+        _set_rng_state(state["rng"], device)
+    else:
+        (run_dir / CONFIG_FILE).write_text("# resolved configuration of this run (capsctl)\n"
+                                           + dump(cfg))
+    writers = for_run(run_dir)
+    step_model = _compiled(model, t.compile, console)
+
+    cfg_dict = to_dict(cfg)
+
+    def state_dict(epoch_: int, k_: int, with_optimizer: bool = True) -> dict:
+        s = {"model": model.state_dict(), "config": cfg_dict, "step": step, "epoch": epoch_,
+             "batch_in_epoch": k_, "best_val_accuracy": best_acc, "best_step": best_step,
+             "rng": _rng_state(device)}
+        if with_optimizer:
+            s["optimizer"] = opt.state_dict()
+            s["log_accum"] = {k: v.detach().clone() for k, v in accum.items()}
+        return s
+
+    def check_finite() -> None:
+        if "bad_step" in accum and int(accum["bad_step"]) >= 0:
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in
+                              zip(term_names, accum["bad_terms"].tolist()))
+            raise TrainingError(f"non-finite loss at step {int(accum['bad_step'])} ({terms}); "
+                                f"stopped, the last good checkpoint {paths.last} is kept - "
+                                "lower optim.lr or check the data")
+
+    def save_last(epoch_: int, k_: int) -> None:
+        check_finite()
+        checkpoint.save(paths.last, state_dict(epoch_, k_))
+
+    term_names: list[str] = []
+    console.print(f"[bold]capsctl train[/] {cfg.model.name} ({count_parameters(model):,} "
+                  f"parameters) on {device}, {cfg.train.precision}; run folder {run_dir}"
+                  + (f"; resuming at step {step}" if resume else ""))
+
+    progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
+                        MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                        disable=not show_progress, transient=False)
+    t_log, n_log = time.perf_counter(), 0
+    last_ckpt_time = time.monotonic()
+    val_metrics: dict = {}
+    model.train()
+    started = time.perf_counter()
+    with progress, SignalStop() as stop:
+        while epoch < t.epochs and step < total_steps:
+            task = progress.add_task("", total=steps_per_epoch, completed=k_start,
+                                     epoch=f"{epoch + 1}/{t.epochs}", stats="")
+            k_next = k_start
+            for k in range(k_start, steps_per_epoch):
+                if step >= total_steps:
+                    break
+                batch = data.train.batch(epoch, k, step)
+                lr = lr_at(cfg, step)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                with autocast(device, t.precision):
+                    out = step_model(batch["x"], batch["y"])
+                losses = losses_of(out, batch, step)
+                opt.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                opt.step()
+                step += 1
+                k_next = k + 1
+                progress.advance(task)
+
+                # metrics stay on the device until the logging interval
+                term_names = term_names or list(losses)
+                terms = torch.stack([losses[n].detach().float() for n in term_names])
+                if "sum" not in accum:
+                    accum.update(sum=torch.zeros_like(terms), bad_terms=torch.zeros_like(terms),
+                                 correct=torch.zeros((), device=device, dtype=torch.long),
+                                 count=torch.zeros((), device=device, dtype=torch.long),
+                                 steps=torch.zeros((), device=device, dtype=torch.long),
+                                 bad_step=torch.full((), -1, device=device, dtype=torch.long))
+                accum["sum"] += terms
+                accum["correct"] += (out["scores"].detach().argmax(1) == batch["y"]).sum()
+                accum["count"] += batch["y"].shape[0]
+                accum["steps"] += 1
+                first_bad = (accum["bad_step"] < 0) & ~torch.isfinite(terms[-1])
+                accum["bad_step"] = torch.where(first_bad, step - 1, accum["bad_step"])
+                accum["bad_terms"] = torch.where(first_bad, terms, accum["bad_terms"])
+                n_log += batch["y"].shape[0]
+
+                if step % t.log_every == 0 or step == total_steps:
+                    check_finite()
+                    now = time.perf_counter()
+                    ips = n_log / max(now - t_log, 1e-9)
+                    means = (accum["sum"] / accum["steps"]).tolist()
+                    metrics = {f"train/loss_{n}": v for n, v in zip(term_names, means)}
+                    metrics.update({"train/accuracy": int(accum["correct"]) / int(accum["count"]),
+                                    "lr": lr, "images_per_s": ips, "epoch": epoch})
+                    writers.log(metrics, step)
+                    progress.update(task, stats=f"loss {metrics['train/loss_total']:.4f} "
+                                    f"acc {metrics['train/accuracy']:.4f} {ips:.0f} img/s")
+                    accum.clear()
+                    t_log, n_log = now, 0
+                by_steps = t.checkpoint_every and step % t.checkpoint_every == 0
+                by_time = (t.checkpoint_minutes
+                           and time.monotonic() - last_ckpt_time > 60 * t.checkpoint_minutes)
+                if stop.signum is not None or by_steps or by_time:
+                    save_last(epoch, k_next)  # (epoch, steps_per_epoch) = validation pending
+                    last_ckpt_time = time.monotonic()
+                    if stop.signum is not None:
+                        writers.close()
+                        raise Interrupted(stop.signum, run_dir, step)
+            progress.remove_task(task)
+            if k_next == steps_per_epoch:
+                epoch, k_start = epoch + 1, 0
+            else:  # stopped by train.max_steps inside the epoch
+                k_start = k_next
+
+            # --- end of an epoch (or of the run): validate, keep the best, checkpoint ---------
+            check_finite()
+            if data.val is not None:
+                val_metrics = evaluate(model, data.val, t.eval_batch_size, device, t.precision,
+                                       losses_of, step=step)
+                writers.log({f"val/{name}": v for name, v in val_metrics.items()
+                             if name not in ("n", "correct")}, step)
+                if val_metrics["accuracy"] > best_acc:
+                    best_acc, best_step = val_metrics["accuracy"], step
+                    checkpoint.save(paths.best, state_dict(epoch, k_start, with_optimizer=False))
+                console.print(f"epoch {epoch} (step {step}): val accuracy {val_metrics['accuracy']:.4%} "
+                              f"(best {best_acc:.4%} at step {best_step})")
+                if t.images_every_epoch:
+                    _log_reconstructions(model, data.val, writers, step, device, t.precision)
+            save_last(epoch, k_start)
+            last_ckpt_time = time.monotonic()
+
+    # --- test the model picked on validation (never picked on test) ---------------------------
+    if data.val is None or not paths.best.exists():
+        checkpoint.save(paths.best, state_dict(epoch, 0, with_optimizer=False))
+    best_state = checkpoint.load(paths.best, map_location=device)
+    model.load_state_dict(best_state["model"])
+    test_metrics = evaluate(model, data.test, t.eval_batch_size, device, t.precision)
+    writers.log({"test/accuracy": test_metrics["accuracy"], "test/error": test_metrics["error"]},
+                step)
+    writers.close()
+    elapsed = time.perf_counter() - started
+    return {"run_dir": str(run_dir), "steps": step, "epochs": epoch,
+            "best_val_accuracy": best_acc if data.val is not None else None,
+            "best_step": best_step, "test_accuracy": test_metrics["accuracy"],
+            "test_error": test_metrics["error"], "test_n": test_metrics["n"],
+            "seconds": elapsed, "best_checkpoint": str(paths.best)}
+
+
+@torch.no_grad()
+def _log_reconstructions(model, source, writers, step, device, precision, n: int = 16) -> None:
+    from capsctl.visualize import pair_grid
+
+    was = model.training
+    model.eval()
+    batch = source.get(torch.arange(min(n, len(source)), device=device))
+    with autocast(device, precision):
+        out = model(batch["x"])
+    model.train(was)
+    if "recon" in out:
+        writers.image("reconstructions", pair_grid(batch["x"], out["recon"]), step)
