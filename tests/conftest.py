@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny model configs, small synthetic IDX files, and the real MNIST copy."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsctl.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
+
+
+def find_real_mnist() -> Path | None:
+    candidates = [os.environ.get("CAPSCTL_DATA"), str(SHARED_MNIST)]
+    for c in candidates:
+        if c and (Path(c) / "train-images-idx3-ubyte.gz").is_file():
+            return Path(c)
+    return None
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """The real MNIST IDX files. Missing is a failure, never a skip."""
+    root = find_real_mnist()
+    if root is None:
+        pytest.fail("real MNIST not found: set CAPSCTL_DATA to a folder with the four IDX .gz "
+                    f"files or provide {SHARED_MNIST}")
+    return root
+
+
+def tiny_config(**sections) -> Config:
+    """The paper architecture at tiny widths: runs a step in milliseconds on a CPU."""
+    cfg = Config()
+    m = cfg.model
+    m.conv1_channels, m.primary_types, m.primary_dim, m.class_dim = 8, 2, 4, 6
+    m.decoder_hidden = [16, 32]
+    cfg.train.batch_size, cfg.train.eval_batch_size = 16, 64
+    cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.checkpoint_minutes = 2, 0, 0.0
+    cfg.train.images_every_epoch = False
+    cfg.data.val_size = 32
+    for section, values in sections.items():
+        for k, v in values.items():
+            setattr(getattr(cfg, section), k, v)
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg() -> Config:
+    return tiny_config()
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int | None = None, gz: bool = True) -> Path:
+    """Write ``array`` (uint8) as an IDX file; ``magic`` overrides the header's magic number."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    magic = magic if magic is not None else (0x0800 | array.ndim)
+    raw = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path
+
+
+def write_fake_mnist(root: Path, n_train: int = 256, n_test: int = 64, seed: int = 0) -> Path:
+    """A small MNIST-shaped dataset: each class is a bright bar at its own row (learnable)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = (rng.random((n, 28, 28)) * 40).astype(np.uint8)
+        for i, y in enumerate(labels):
+            images[i, 4 + 2 * y: 6 + 2 * y, 6:22] = 255
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.fixture
+def fake_mnist(tmp_path) -> Path:
+    return write_fake_mnist(tmp_path / "mnist")
