@@ -70,12 +70,13 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e).split("\n")[0]
-        if "Weights only load failed" in str(e) or "weights_only" in str(e):
-            raise CheckpointError(f"{path}: refused to load - the file contains objects other "
-                                  "than tensors and plain values (it could run code); only "
-                                  "capsctl checkpoints are accepted") from None
-        raise CheckpointError(f"{path}: not a capsctl checkpoint ({msg})") from None
+        if "GLOBAL" in str(e):  # a pickle that names a callable: refused, nothing ran
+            raise CheckpointError(f"{path}: refused to load (weights_only=True) - the file "
+                                  "references Python objects other than tensors and plain values "
+                                  "and could run code; only capsctl checkpoints are accepted") \
+                from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch checkpoint "
+                              "file, or corrupt)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).split("\n")[0][:200]
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: "

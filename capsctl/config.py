@@ -30,7 +30,7 @@ def _f(default, help: str, *, min=None, max=None, choices=None, gt=None):
 @dataclass
 class ModelConfig:
     name: str = _f("capsnet", "model family (see the model registry)",
-                   choices=("capsnet",))
+                   choices=("capsnet", "multimnist-cnn"))
     input_size: int = _f(28, "side of the square input image in pixels", min=8)
     in_channels: int = _f(1, "input channels", min=1)
     num_classes: int = _f(10, "number of classes (class capsules)", min=2)
@@ -67,7 +67,7 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("mnist", "training dataset", choices=("mnist",))
+    dataset: str = _f("mnist", "training dataset", choices=("mnist", "multimnist"))
     root: str | None = _f(None, "folder with the IDX files (flag --data-root and CAPSCTL_DATA "
                           "apply when this is null)")
     download: bool = _f(False, "download MNIST with torchvision when the files are missing")
@@ -75,6 +75,18 @@ class DataConfig:
                        min=0)
     shift: int = _f(2, "random integer shift in pixels each way (zero padding), training only",
                     min=0)
+    multimnist_shift: int = _f(4, "MultiMNIST: shift of each digit, up to N px each way (paper 4; "
+                               "the authors' README used 6)", min=0)
+    multimnist_pad: int = _f(4, "MultiMNIST: canvas border, canvas side = 28 + 2 x pad (paper: "
+                             "36); model.input_size must equal it", min=0)
+    multimnist_per_digit: int = _f(1000, "MultiMNIST: overlays per test digit in the fixed test "
+                                   "stream (paper: 1,000 = 10M)", min=1)
+    multimnist_val_per_digit: int = _f(2, "MultiMNIST: overlays per held-out validation digit "
+                                       "(fixed, evaluated every epoch)", min=1)
+    multimnist_test_limit: int = _f(100000, "MultiMNIST: test examples evaluated by default (the "
+                                    "final test, eval without --limit); 0 = all", min=0)
+    multimnist_seed: int = _f(0, "MultiMNIST: seed of the fixed validation and test pairs "
+                              "(independent of train.seed, so runs share one test set)", min=0)
 
 
 @dataclass
@@ -156,6 +168,11 @@ def _coerce(key: str, value: Any, tp, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         value = float(value)
@@ -229,6 +246,11 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: model.input_size={m.input_size} is too small for "
                               f"conv1_kernel={m.conv1_kernel} and primary_kernel="
                               f"{m.primary_kernel}; use a larger input or smaller kernels")
+    canvas = 28 + 2 * cfg.data.multimnist_pad
+    if cfg.data.dataset == "multimnist" and m.input_size != canvas:
+        raise ConfigError(f"{source}: data.dataset=multimnist makes {canvas}x{canvas} images "
+                          f"(28 + 2 x data.multimnist_pad) but model.input_size is "
+                          f"{m.input_size}; set model.input_size={canvas}")
     if cfg.loss.m_minus >= cfg.loss.m_plus:
         raise ConfigError(f"{source}: loss.m_minus ({cfg.loss.m_minus}) must be below "
                           f"loss.m_plus ({cfg.loss.m_plus})")

@@ -255,7 +255,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
                     writers.log(metrics, step)
                     progress.update(task, stats=f"loss {metrics['train/loss_total']:.4f} "
                                     f"acc {metrics['train/accuracy']:.4f} {ips:.0f} img/s")
-                    accum.clear()
+                    if step % t.log_every == 0:  # a final partial interval stays in last.pt
+                        accum.clear()
                     t_log, n_log = now, 0
                 by_steps = t.checkpoint_every and step % t.checkpoint_every == 0
                 by_time = (t.checkpoint_minutes

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from capsctl.config import Config
-from capsctl.data import mnist
+from capsctl.data import mnist, multimnist
 from capsctl.data.datasets import EvalSource, ImageSet, TrainStream
 from capsctl.errors import DataError
 
@@ -49,7 +49,7 @@ def _mnist(cfg: Config, device, root_flag) -> DataBundle:
 
 
 # dataset name -> builder(cfg, device, root_flag) -> DataBundle
-DATASETS = {"mnist": _mnist}
+DATASETS = {"mnist": _mnist, "multimnist": multimnist.build_bundle}
 
 
 def build(cfg: Config, device: torch.device, root_flag: str | None = None) -> DataBundle:

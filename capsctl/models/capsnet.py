@@ -4,7 +4,8 @@
 forward(x, y=None) returns a dict:
   v        (B, J, D)  class capsule vectors (fp32)
   scores   (B, J)     their lengths, the class probabilities used for prediction
-  recon    (B, C*H*W) reconstruction from the capsule of ``y`` (training) or of the prediction
+  recon    (B, C*H*W) reconstruction from the capsule of ``y`` (training) or of the prediction;
+           (B, K, C*H*W) when ``y`` is (B, K): one reconstruction per listed capsule (MultiMNIST)
   routing  list of (B, I, J) coupling coefficients per pass, when ``keep_routing``
 """
 
@@ -59,7 +60,16 @@ class CapsNet(nn.Module):
         return self.digits(u_BIP, keep_routing)
 
     def decode(self, v_BJD: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
-        """Reconstruct from the capsule of ``classes_B`` alone (the others masked to zero)."""
+        """Reconstruct from the capsule of ``classes_B`` alone (the others masked to zero).
+
+        ``classes`` (B, K) (e.g. MultiMNIST's two labels) decodes each of the K capsules on its
+        own: recon (B, K, N).
+        """
+        if classes_B.dim() == 2:
+            B, K = classes_B.shape
+            v_BKJD = v_BJD.unsqueeze(1).expand(B, K, *v_BJD.shape[1:])
+            recon_bN = self.decode(v_BKJD.reshape(B * K, *v_BJD.shape[1:]), classes_B.reshape(-1))
+            return recon_bN.view(B, K, -1)
         mask_BJ = F.one_hot(classes_B, v_BJD.shape[1]).to(v_BJD.dtype)
         return self.decoder(v_BJD * mask_BJ.unsqueeze(-1)).float()
 

@@ -36,3 +36,43 @@ def capsnet_losses(out: dict, batch: dict, cfg: LossConfig) -> dict[str, torch.T
         total = total + losses["reconstruction"]
     losses["total"] = total
     return losses
+
+
+def label_targets(batch: dict, num_classes: int) -> torch.Tensor:
+    """(B, J) 0/1 targets: the label ``y``, plus ``y2`` when the batch has a second digit."""
+    targets = F.one_hot(batch["y"], num_classes)
+    if "y2" in batch:
+        targets = (targets + F.one_hot(batch["y2"], num_classes)).clamp(max=1)
+    return targets
+
+
+def multimnist_losses(out: dict, batch: dict, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """Two-digit CapsNet loss (paper section 6): the margin loss with both labels present, plus
+    each digit reconstructed from its own capsule against its own source image (``x_a`` for
+    ``y``, ``x_b`` for ``y2``), the two weighted SSEs summed. ``out["recon"]`` must be (B, 2, N):
+    the model run with ``y = stack([y, y2], 1)``."""
+    targets = label_targets(batch, out["scores"].shape[1])
+    losses = {"margin": margin_loss(out["scores"], targets, cfg.m_plus, cfg.m_minus,
+                                    cfg.down_weight).mean()}
+    total = losses["margin"]
+    if "recon" in out and cfg.recon_weight > 0:
+        recon = out["recon"]
+        if recon.dim() != 3 or recon.shape[1] != 2:
+            raise ValueError("multimnist_losses needs one reconstruction per digit, recon "
+                             f"(B, 2, N); got {tuple(recon.shape)} (run the model with both "
+                             "labels)")
+        sse = reconstruction_sse(recon[:, 0], batch["x_a"]) + reconstruction_sse(recon[:, 1],
+                                                                                 batch["x_b"])
+        losses["reconstruction"] = cfg.recon_weight * sse.mean()
+        total = total + losses["reconstruction"]
+    losses["total"] = total
+    return losses
+
+
+def multilabel_bce_losses(out: dict, batch: dict) -> dict[str, torch.Tensor]:
+    """Sigmoid outputs trained on every present label: binary cross-entropy summed over the
+    classes, averaged over the batch (the MultiMNIST baseline CNN)."""
+    logits = out["logits"].float()
+    targets = label_targets(batch, logits.shape[1]).float()
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(1).mean()
+    return {"bce": bce, "total": bce}

@@ -1,0 +1,47 @@
+"""The paper's MultiMNIST baseline CNN (Sabour et al. 2017, section 6; the authors' code): two
+convolutions of 512 and 256 channels, each followed by ReLU and 2x2 max-pooling, a fully connected
+layer of 1024 (ReLU, dropout), and 10 sigmoid outputs trained on both labels (binary
+cross-entropy).
+
+Choices where the paper is silent: 5x5 kernels with "same" padding, stride 1. On the 36x36
+MultiMNIST canvas this gives 36 -> 18 -> 9, a 9x9x256 = 20,736 feature vector and 24,535,306
+parameters (the paper: ~24.6M). Widths come from ``model.cnn_channels`` and ``model.cnn_hidden``.
+
+forward(x, y=None) returns {"scores": (B, K) sigmoid probabilities, "logits": (B, K)}; ``y`` is
+accepted and ignored (the trainer passes labels to every model).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from capsctl.config import ModelConfig
+
+KERNEL = 5
+
+
+class MultiMNISTCNN(nn.Module):
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.cfg = m
+        layers, channels, side = [], m.in_channels, m.input_size
+        for width in m.cnn_channels:
+            layers += [nn.Conv2d(channels, width, KERNEL, padding=KERNEL // 2),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            channels, side = width, side // 2
+        if side < 1:
+            raise ValueError(f"model.input_size={m.input_size} is too small for "
+                             f"{len(m.cnn_channels)} 2x2 poolings")
+        self.features = nn.Sequential(*layers)
+        fc, width = [], channels * side * side
+        for h in m.cnn_hidden:
+            fc += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(m.dropout)]
+            width = h
+        fc.append(nn.Linear(width, m.num_classes))
+        self.classifier = nn.Sequential(*fc)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                keep_routing: bool = False) -> dict:
+        logits_BK = self.classifier(self.features(x).flatten(1)).float()
+        return {"scores": torch.sigmoid(logits_BK), "logits": logits_BK}

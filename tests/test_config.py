@@ -1,0 +1,100 @@
+"""Config precedence (defaults < YAML < --set) and one-line errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from capsctl import config as C
+from capsctl.errors import ConfigError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_precedence_defaults_yaml_set(tmp_path):
+    p = write(tmp_path, "train:\n  batch_size: 64\n  epochs: 3\noptim:\n  lr: 0.01\n")
+    cfg = C.load(p, ["train.epochs=5", "model.decoder_hidden=[8, 16]"])
+    assert cfg.train.batch_size == 64          # YAML over default
+    assert cfg.train.epochs == 5               # --set over YAML
+    assert cfg.optim.lr == 0.01
+    assert cfg.model.decoder_hidden == [8, 16]
+    assert cfg.model.conv1_channels == 256     # default
+
+
+def test_paper_config_is_the_paper(repo_configs=None):
+    from pathlib import Path
+
+    cfg = C.load(Path(__file__).parents[1] / "configs" / "mnist.yaml")
+    m = cfg.model
+    assert (m.conv1_channels, m.conv1_kernel, m.primary_types, m.primary_dim) == (256, 9, 32, 8)
+    assert (m.primary_kernel, m.primary_stride, m.class_dim, m.routing_iterations) == (9, 2, 16, 3)
+    assert m.decoder_hidden == [512, 1024]
+    assert (cfg.loss.m_plus, cfg.loss.m_minus, cfg.loss.down_weight) == (0.9, 0.1, 0.5)
+    assert cfg.loss.recon_weight == 0.0005
+    o = cfg.optim
+    assert (o.lr, o.lr_decay, o.lr_decay_steps, o.min_lr) == (1e-3, 0.96, 2000, 1e-6)
+    assert cfg.train.batch_size == 128 and cfg.data.shift == 2
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("train:\n  batch_sise: 3\n", "did you mean 'train.batch_size'"),
+    ("trian:\n  epochs: 3\n", "did you mean 'train'"),
+    ("train:\n  epochs: three\n", "'train.epochs' must be an integer"),
+    ("train:\n  epochs: true\n", "'train.epochs' must be an integer"),
+    ("optim:\n  lr: -0.1\n", "'optim.lr' must be > 0"),
+    ("train:\n  batch_size: 0\n", "'train.batch_size' must be >= 1"),
+    ("model:\n  routing_iterations: 0\n", "'model.routing_iterations' must be >= 1"),
+    ("data:\n  shift: -1\n", "'data.shift' must be >= 0"),
+    ("train:\n  precision: fp8\n", "must be one of fp32, bf16"),
+    ("- a\n- b\n", "top level must be a mapping"),
+    ("train: 3\n", "section 'train' must be a mapping"),
+    ("train:\n  epochs: [1\n", "YAML syntax error at line"),
+    ("model:\n  input_size: 12\n", "too small"),
+    ("loss:\n  m_minus: 0.95\n", "must be below"),
+])
+def test_bad_yaml_names_the_key(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as e:
+        C.load(write(tmp_path, text))
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_empty_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="empty"):
+        C.load(write(tmp_path, "# nothing\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        C.load(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.epoch=2", "did you mean 'train.epochs'"),
+    ("epochs=2", "section.key"),
+    ("train.epochs", "section.key=value"),
+    ("train.lr=0.1", "unknown config key 'train.lr'"),
+    ("optim.lr=abc", "must be a number"),
+])
+def test_bad_overrides(override, needle):
+    with pytest.raises(ConfigError) as e:
+        C.load(None, [override])
+    assert needle in str(e.value)
+
+
+def test_set_values_are_yaml_scalars():
+    cfg = C.load(None, ["train.compile=true", "optim.lr=1e-4", "data.root=null", "train.seed=7"])
+    assert cfg.train.compile is True and cfg.optim.lr == 1e-4
+    assert cfg.data.root is None and cfg.train.seed == 7
+
+
+def test_round_trip_through_dict():
+    cfg = C.load(None, ["train.epochs=4", "model.class_dim=12"])
+    again = C.from_dict(C.to_dict(cfg))
+    assert again == cfg
+
+
+def test_reference_covers_every_key():
+    keys = [k for k, _, _ in C.reference()]
+    assert keys == C.all_keys()
+    assert all(h for _, _, h in C.reference())
