@@ -8,9 +8,12 @@ never execute code.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import pickletools
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -68,12 +71,16 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickles; the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):  # a pickle that names a callable: refused, nothing ran
+        foreign = _foreign_callables(path)
+        if foreign or "GLOBAL" in str(e):  # names a callable: refused before anything ran
+            named = f" (it names {', '.join(foreign[:3])})" if foreign else ""
             raise CheckpointError(f"{path}: refused to load (weights_only=True) - the file "
-                                  "references Python objects other than tensors and plain values "
-                                  "and could run code; only capsctl checkpoints are accepted") \
+                                  f"references Python callables{named} and could run code; "
+                                  "nothing was executed; only capsctl checkpoints are accepted") \
                 from None
         raise CheckpointError(f"{path}: not a readable checkpoint (not a torch checkpoint "
                               "file, or corrupt)") from None
@@ -87,10 +94,45 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise CheckpointError(f"{path}: not a capsctl checkpoint (missing "
                               f"{', '.join(k for k in REQUIRED if not isinstance(state, dict) or k not in state)})")
     version = state["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or version < 1:
+        raise CheckpointError(f"{path}: not a capsctl checkpoint (format_version {version!r})")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this "
                               f"capsctl understands ({FORMAT_VERSION}); upgrade capsctl")
     return state
+
+
+_SAFE_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset")
+
+
+def _foreign_callables(path: Path, limit: int = 16 << 20) -> list[str]:
+    """Callables a pickle file names (GLOBAL / STACK_GLOBAL) outside what a checkpoint needs.
+
+    Only parses the opcodes (``pickletools.genops``) - nothing is imported or called.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith("data.pkl")]
+                raw = z.read(names[0])[:limit] if names else b""
+        else:
+            with open(path, "rb") as f:
+                raw = f.read(limit)
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
+        return []
+    found, strings, stream = [], [], io.BytesIO(raw)
+    try:
+        while stream.tell() < len(raw):  # a legacy file holds several pickles in a row
+            for op, arg, _ in pickletools.genops(stream):
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # garbage after (or instead of) a pickle: keep what was parsed
+        pass
+    return [n for n in dict.fromkeys(found) if not n.startswith(_SAFE_PREFIXES)]
 
 
 def config_of(state: dict, path: str | Path = "checkpoint") -> config_mod.Config:

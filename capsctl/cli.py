@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from capsctl import __version__
@@ -42,11 +43,18 @@ def cli_errors(fn):
         except CapsctlError as e:
             if _debug():
                 raise
-            err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except Interrupted as e:
-            err.print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)
+            err.print(f"[yellow]{escape(str(e))}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # disk full, permissions: the environment, not the input
+            if _debug():
+                raise
+            where = f" {e.filename}" if e.filename else ""
+            err.print(f"[red]error:[/] cannot access{escape(str(where))}: "
+                      f"{escape(e.strerror or str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
@@ -103,7 +111,7 @@ def train(
     capsctl train --resume runs/mnist
     """
     from capsctl import checkpoint, config as config_mod, device as device_mod
-    from capsctl.train import CONFIG_FILE, prepare_run_dir, train as train_fn
+    from capsctl.train import check_run_dir, train as train_fn
 
     if resume is not None:
         if force:
@@ -127,10 +135,7 @@ def train(
                 raise CapsctlError(f"--set {key}: only train.* keys (not batch_size or seed) "
                                    "can change when resuming; start a new run instead")
             config_mod.set_key(cfg, key, value)
-        config_mod.validate(cfg, "--set")
-        if set_:
-            (folder / CONFIG_FILE).write_text("# resolved configuration of this run (capsctl)\n"
-                                              + config_mod.dump(cfg))
+        config_mod.validate(cfg, "--set")  # train() rewrites config.yaml once resumed
     else:
         if config is None:
             raise CapsctlError("missing CONFIG: capsctl train configs/mnist.yaml (or --resume "
@@ -139,9 +144,10 @@ def train(
         folder = None
     dev = device_mod.resolve(device or cfg.train.device)
     if folder is None:
-        folder = prepare_run_dir(run_dir, name or config.stem, force)
+        folder = check_run_dir(run_dir, name or config.stem, force)  # created by train()
     summary = train_fn(cfg, folder, dev, data_root=str(data_root) if data_root else None,
-                       resume=resume is not None, console=err, show_progress=not no_progress)
+                       resume=resume is not None, console=err, show_progress=not no_progress,
+                       force=force)
     table = Table(title=f"run {summary['run_dir']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -205,6 +211,9 @@ def eval_(
             r = next((r for r in results if r["checkpoint"] == ck and r["dataset"] == d), None)
             row += ([f"{r['accuracy']:.4%}", f"{r['error']:.4%} (n={r['n']:,})"] if r
                     else ["-", "-"])
+            if r and "at_least_one_accuracy" in r:  # multimnist: accuracy is the exact pair
+                row[-2] += f" exact pair; >=1 correct {r['at_least_one_accuracy']:.2%}"
+                row[-1] += f"; box overlap {r['bbox_overlap_of_smaller']:.1%}"
         table.add_row(*row)
     out.print(table)
 
@@ -228,7 +237,8 @@ def config(
 
     if reference:
         lines = ["| key | default | meaning |", "| --- | --- | --- |"]
-        lines += [f"| `{k}` | `{d}` | {h} |" for k, d, h in config_mod.reference()]
+        lines += [f"| `{k}` | `{d}` | {h.replace('|', '/')} |"
+                  for k, d, h in config_mod.reference()]
         sys.stdout.write("\n".join(lines) + "\n")
         return
     sys.stdout.write(config_mod.dump(config_mod.load(path, set_)))
@@ -244,5 +254,5 @@ def main() -> None:
     except CapsctlError as e:  # raised outside a command (should not happen, but never trace)
         if _debug():
             raise
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

@@ -1,3 +1,217 @@
 """reconstruct, perturb and routes: pictures from a checkpoint (registered on capsctl.cli.app)."""
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich import box
+from rich.table import Table
+
+from capsctl.cli import DataRootOpt, DeviceOpt, app, cli_errors, err, out
+from capsctl.errors import CapsctlError
+
+CheckpointArg = Annotated[Path, typer.Argument(
+    help="A checkpoint (.pt) or a run folder (its checkpoints/best.pt); the model and its "
+         "config come from it.")]
+DatasetOpt = Annotated[Optional[str], typer.Option(
+    "--dataset", help="Dataset to draw examples from. Default: the one the model was trained "
+                      "on.")]
+SplitOpt = Annotated[str, typer.Option("--split", help="test or val. Default: test.")]
+OutOpt = Annotated[Optional[Path], typer.Option(
+    "--out", help="PNG file to write. Default: NAME.png in the checkpoint's run folder.")]
+TbOpt = Annotated[Optional[Path], typer.Option(
+    "--tb", help="TensorBoard folder for the image. Default: the run folder's tb/.")]
+NoTbOpt = Annotated[bool, typer.Option(
+    "--no-tb", help="Do not write the TensorBoard image. Default: written.")]
+IndexOpt = Annotated[Optional[int], typer.Option(
+    "--index", help="Example index in the split.")]
+
+
+def _root(data_root: Optional[Path]) -> Optional[str]:
+    return str(data_root) if data_root else None
+
+
+def _indices(values: list[str]) -> list[int]:
+    result = []
+    for text in values:
+        for part in text.replace(" ", "").split(","):
+            if part:
+                try:
+                    result.append(int(part))
+                except ValueError:
+                    raise CapsctlError(f"--indices {text!r}: expected integers such as "
+                                       "--indices 3,17,42") from None
+    return result
+
+
+def _written(r: dict) -> str:
+    return r["png"] + (f"  (TensorBoard: {r['tensorboard']})" if r["tensorboard"] else "")
+
+
+@app.command()
+@cli_errors
+def reconstruct(
+    checkpoint: CheckpointArg,
+    dataset: DatasetOpt = None,
+    split: SplitOpt = "test",
+    n: Annotated[int, typer.Option(
+        "--n", help="Examples per class row (or in all, with --plain). Default: 16.")] = 16,
+    indices: Annotated[list[str], typer.Option(
+        "--indices", help="These example indices as a plain grid (comma-separated or "
+                          "repeated). Default: random examples.")] = [],
+    plain: Annotated[bool, typer.Option(
+        "--plain", help="A plain grid of --n random examples instead of one row per class. "
+                        "Default: one row per class.")] = False,
+    mask: Annotated[str, typer.Option(
+        "--mask", help="Decode the capsule of the 'predicted' class or of the 'label'. "
+                       "Default: predicted.")] = "predicted",
+    seed: Annotated[int, typer.Option(
+        "--seed", help="Seed of the random choice of examples. Default: 0.")] = 0,
+    scale: Annotated[int, typer.Option(
+        "--scale", help="Pixel upscaling factor. Default: 2.")] = 2,
+    out_: OutOpt = None,
+    tb: TbOpt = None,
+    no_tb: NoTbOpt = False,
+    device: DeviceOpt = None,
+    data_root: DataRootOpt = None,
+):
+    """Inputs above their reconstructions (label and prediction marked, mistakes in red).
+
+    Examples: capsctl reconstruct runs/mnist; capsctl reconstruct runs/mnist/checkpoints/best.pt
+    --indices 3,17,42 --mask label --out recon.png
+    """
+    from capsctl.visualize import run_reconstruct
+
+    r = run_reconstruct(checkpoint, dataset, split, n, _indices(indices), not plain, mask, seed,
+                        out_, tb, no_tb, device, _root(data_root), scale)
+    table = Table(title="capsctl reconstruct")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("examples", f"{r['examples']} ({r['dataset']} {r['split']})")
+    if r["misclassified"] is not None:
+        table.add_row("misclassified", str(r["misclassified"]))
+        table.add_row("pixel MSE", f"{r['mse']:.5f} (mask: {r['mask']})")
+    table.add_row("image", f"{r['size'][1]} x {r['size'][0]} px")
+    table.add_row("written", _written(r))
+    out.print(table)
+
+
+@app.command()
+@cli_errors
+def perturb(
+    checkpoint: CheckpointArg,
+    index: IndexOpt = None,
+    digit: Annotated[Optional[str], typer.Option(
+        "--digit", help="A confidently classified example of class K (among the first 1,000 of "
+                        "the split), or 'all' for one of each class. Default: all (unless "
+                        "--index).")] = None,
+    label: Annotated[bool, typer.Option(
+        "--label", help="Perturb the capsule of the label instead of the prediction. Default: "
+                        "the prediction.")] = False,
+    range_: Annotated[float, typer.Option(
+        "--range", help="Largest offset added to a dimension. Default: 0.25.")] = 0.25,
+    step: Annotated[float, typer.Option(
+        "--step", help="Offset step; --range must be a multiple of it. Default: 0.05.")] = 0.05,
+    dataset: DatasetOpt = None,
+    split: SplitOpt = "test",
+    scale: Annotated[int, typer.Option(
+        "--scale", help="Pixel upscaling factor. Default: 3 for one example, 2 for several.")]
+    = 0,
+    out_: OutOpt = None,
+    tb: TbOpt = None,
+    no_tb: NoTbOpt = False,
+    device: DeviceOpt = None,
+    data_root: DataRootOpt = None,
+):
+    """Perturb each dimension of a class capsule and decode (the paper's Figure 4).
+
+    Prints, per dimension, the mean absolute pixel change over the range.
+    Examples: capsctl perturb runs/mnist; capsctl perturb runs/mnist --digit 6 --range 0.3
+    --step 0.1
+    """
+    from capsctl.visualize import run_perturb
+
+    if scale < 0:
+        raise CapsctlError("--scale must be >= 1")
+    r = run_perturb(checkpoint, index, digit, label, range_, step, dataset, split, out_, tb,
+                    no_tb, device, _root(data_root), scale)
+    examples = r["examples"]
+    table = Table(title="mean |pixel change| x 1000 per dimension", box=box.SIMPLE_HEAD,
+                  padding=(0, 0, 0, 1), pad_edge=False, collapse_padding=True)
+    table.add_column("dim", justify="right")
+    for e in examples:
+        table.add_column(f"{e['capsule']}" + ("" if e["label"] == e["prediction"] else "*"),
+                         justify="right")
+    if len(examples) > 1:
+        table.add_column("mean", justify="right")
+    tops = [sorted(e["change"], reverse=True)[:3] for e in examples]
+    for d in range(len(examples[0]["change"])):
+        values = [e["change"][d] for e in examples]
+        cells = [f"[bold yellow]{1000 * v:.1f}[/]" if v in top else f"{1000 * v:.1f}"
+                 for v, top in zip(values, tops)]
+        if len(examples) > 1:
+            cells.append(f"{1000 * sum(values) / len(values):.1f}")
+        table.add_row(str(d), *cells)
+    out.print(table)
+    out.print("columns: the perturbed capsule of example "
+              + ", ".join(f"#{e['index']}" for e in examples)
+              + "; * misclassified; bold: the 3 largest per example", highlight=False)
+    err.print(f"written: {_written(r)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@cli_errors
+def routes(
+    checkpoint: CheckpointArg,
+    index: Annotated[Optional[int], typer.Option(
+        "--index", help="Example index in the split. Default: 0.")] = None,
+    digit: Annotated[Optional[int], typer.Option(
+        "--digit", help="Instead of --index: a confidently classified example of class K.")]
+    = None,
+    dataset: DatasetOpt = None,
+    split: SplitOpt = "test",
+    scale: Annotated[int, typer.Option(
+        "--scale", help="Pixel upscaling factor of the input. Default: 3.")] = 3,
+    out_: OutOpt = None,
+    tb: TbOpt = None,
+    no_tb: NoTbOpt = False,
+    device: DeviceOpt = None,
+    data_root: DataRootOpt = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the numbers (couplings per pass, agreement, scores) as one JSON "
+                       "object on stdout. Default: a table.")] = False,
+):
+    """Coupling coefficients after each routing pass as heat maps on the primary grid, per class,
+    beside the input; and the agreement u_hat . v per class.
+
+    Examples: capsctl routes runs/mnist --index 7; capsctl routes runs/mnist --digit 3 --json
+    """
+    from capsctl.visualize import run_routes
+
+    if scale < 1:
+        raise CapsctlError("--scale must be >= 1")
+    r = run_routes(checkpoint, index, None if digit is None else str(digit), dataset, split,
+                   out_, tb, no_tb, device, _root(data_root), scale)
+    if as_json:
+        sys.stdout.write(json.dumps(r) + "\n")
+        return
+    table = Table(title=f"capsctl routes: {r['dataset']} {r['split']} #{r['index']}, label "
+                        f"{r['label']}, predicted {r['prediction']}")
+    table.add_column("class", justify="right")
+    table.add_column(r["score"], justify="right")
+    for k in range(len(r["coupling_share"])):
+        table.add_column(f"share, pass {k + 1}", justify="right")
+    if "agreement_total" in r:
+        table.add_column("agreement", justify="right")
+    for j, length in enumerate(r["scores"]):
+        row = [str(j), f"{length:.3f}"] + [f"{p[j]:.4f}" for p in r["coupling_share"]]
+        if "agreement_total" in r:
+            row.append(f"{r['agreement_total'][j]:+.3f}")
+        style = "bold yellow" if j == r["prediction"] else None
+        table.add_row(*row, style=style)
+    out.print(table)
+    err.print(f"written: {_written(r)}", highlight=False, soft_wrap=True)

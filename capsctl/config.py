@@ -30,7 +30,7 @@ def _f(default, help: str, *, min=None, max=None, choices=None, gt=None):
 @dataclass
 class ModelConfig:
     name: str = _f("capsnet", "model family (see the model registry)",
-                   choices=("capsnet", "multimnist-cnn"))
+                   choices=("capsnet", "em-capsnet", "cnn", "multimnist-cnn"))
     input_size: int = _f(28, "side of the square input image in pixels", min=8)
     in_channels: int = _f(1, "input channels", min=1)
     num_classes: int = _f(10, "number of classes (class capsules)", min=2)
@@ -53,7 +53,26 @@ class ModelConfig:
     dropout: float = _f(0.5, "dropout probability (CNN baselines only)", min=0.0, max=0.99)
     cnn_channels: list[int] = _f([256, 256, 128], "CNN baseline conv channels (5x5)")
     cnn_hidden: list[int] = _f([328, 192], "CNN baseline fully connected widths")
+    cnn_pool: list[int] = _f([], "cnn: max-pooling window (= stride) after each conv, one per "
+                             "entry of cnn_channels, 1 = none; [] = no pooling (Table 1 baseline)")
 
+    em_conv1_channels: int = _f(32, "em-capsnet: A, channels of ReLU Conv1 (5x5, stride 2)",
+                                min=1)
+    em_primary_types: int = _f(32, "em-capsnet: B, PrimaryCaps types (4x4 pose = 1x1 conv of "
+                               "Conv1, activation = sigmoid)", min=1)
+    em_caps1_types: int = _f(32, "em-capsnet: C, ConvCaps1 types (K=3, stride 2)", min=1)
+    em_caps2_types: int = _f(32, "em-capsnet: D, ConvCaps2 types (K=3, stride 1)", min=1)
+    em_iterations: int = _f(3, "em-capsnet: EM routing iterations per capsule layer", min=1)
+    em_lambda: float = _f(0.01, "em-capsnet: inverse temperature scale; iteration t (from 0) "
+                          "uses em_lambda * (1 - em_lambda_rate^(t+1))", gt=0)
+    em_lambda_rate: float = _f(0.95, "em-capsnet: rate of the inverse temperature schedule "
+                               "(0 = constant em_lambda)", min=0.0, max=0.999999)
+    em_var_floor: float = _f(1e-4, "em-capsnet: floor added to every routing variance "
+                             "(keeps log sigma finite, e.g. for a parent with one child)", gt=0)
+    em_init_std: float = _f(0.5, "em-capsnet: std of the normal noise added to the identity to "
+                            "initialise the 4x4 transformation matrices", min=0.0)
+    em_coordinate_addition: bool = _f(True, "em-capsnet: add the scaled receptive-field centre "
+                                      "(row, column) to the class capsules' votes")
 
 @dataclass
 class LossConfig:
@@ -64,17 +83,25 @@ class LossConfig:
     recon_weight: float = _f(0.0005, "weight of the reconstruction sum of squared errors "
                              "(0 disables the term)", min=0.0)
 
+    spread_m_start: float = _f(0.2, "spread loss (em-capsnet): margin at step 0", min=0.0,
+                               max=1.0)
+    spread_m_end: float = _f(0.9, "spread loss (em-capsnet): final margin", min=0.0, max=1.0)
+    spread_m_steps: int = _f(10000, "spread loss (em-capsnet): optimizer steps over which the "
+                             "margin rises linearly from start to end (0 = end at once)", min=0)
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("mnist", "training dataset", choices=("mnist", "multimnist"))
+    dataset: str = _f("mnist", "training dataset (expanded-mnist: the digit anywhere on a 40x40 "
+                      "canvas, see data.shift)", choices=("mnist", "expanded-mnist", "multimnist",
+                                                  "smallnorb"))
     root: str | None = _f(None, "folder with the IDX files (flag --data-root and CAPSCTL_DATA "
                           "apply when this is null)")
-    download: bool = _f(False, "download MNIST with torchvision when the files are missing")
+    download: bool = _f(False, "download MNIST with torchvision (and affNIST, when evaluated) "
+                        "when the files are missing")
     val_size: int = _f(5000, "images held out from the end of the training set for validation",
                        min=0)
-    shift: int = _f(2, "random integer shift in pixels each way (zero padding), training only",
-                    min=0)
+    shift: int = _f(2, "random integer shift in pixels each way (zero padding), training only; "
+                    "expanded-mnist: up to 6 on its 40x40 canvas", min=0)
     multimnist_shift: int = _f(4, "MultiMNIST: shift of each digit, up to N px each way (paper 4; "
                                "the authors' README used 6)", min=0)
     multimnist_pad: int = _f(4, "MultiMNIST: canvas border, canvas side = 28 + 2 x pad (paper: "
@@ -119,6 +146,13 @@ class TrainConfig:
     checkpoint_minutes: float = _f(10.0, "also write last.pt when this many minutes have passed "
                                    "(0 = off)", min=0.0)
     images_every_epoch: bool = _f(True, "log a reconstruction grid to TensorBoard each epoch")
+    nonfinite: str = _f("stop", "on a non-finite loss: stop (keep the last good checkpoint) or "
+                        "skip the batch without an optimizer step (checks every step)",
+                        choices=("stop", "skip"))
+    target_val_accuracy: float = _f(0.0, "stop early once validation accuracy reaches this "
+                                    "fraction, e.g. 0.9923 (0 = off)", min=0.0, max=1.0)
+    final_eval: list[str] = _f([], "extra datasets evaluated (test split) with the best model at "
+                               "the end, e.g. [affnist]; skipped with a note when absent")
 
 
 @dataclass
@@ -175,7 +209,11 @@ def _coerce(key: str, value: Any, tp, meta: dict) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise ConfigError(f"config key '{key}' must be a finite number, got an integer "
+                              f"of {len(str(abs(value)))} digits") from None
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     elif tp is str:
@@ -246,6 +284,17 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: model.input_size={m.input_size} is too small for "
                               f"conv1_kernel={m.conv1_kernel} and primary_kernel="
                               f"{m.primary_kernel}; use a larger input or smaller kernels")
+    if m.name == "cnn":
+        _validate_cnn(m, source)
+    if m.name == "em-capsnet":
+        _validate_em(cfg, source)
+    if cfg.train.target_val_accuracy > 0 and cfg.data.val_size == 0:
+        raise ConfigError(f"{source}: train.target_val_accuracy needs a validation set; set "
+                          "data.val_size > 0 or train.target_val_accuracy=0")
+    if cfg.data.dataset == "expanded-mnist" and (m.input_size != 40 or cfg.data.shift > 6):
+        raise ConfigError(f"{source}: data.dataset=expanded-mnist makes 40x40 images with the "
+                          "digit up to 6 px from the centre; set model.input_size=40 (got "
+                          f"{m.input_size}) and data.shift <= 6 (got {cfg.data.shift})")
     canvas = 28 + 2 * cfg.data.multimnist_pad
     if cfg.data.dataset == "multimnist" and m.input_size != canvas:
         raise ConfigError(f"{source}: data.dataset=multimnist makes {canvas}x{canvas} images "
@@ -260,6 +309,35 @@ def validate(cfg: Config, source: str = "config") -> None:
                           f"cuda:N, got {dev!r}")
 
 
+def _validate_cnn(m: ModelConfig, source: str) -> None:
+    if m.cnn_pool and len(m.cnn_pool) != len(m.cnn_channels):
+        raise ConfigError(f"{source}: model.cnn_pool has {len(m.cnn_pool)} entries but "
+                          f"model.cnn_channels has {len(m.cnn_channels)}; give one window per "
+                          "conv (1 = no pooling) or [] for none")
+    if any(w < 1 for w in m.cnn_channels + m.cnn_hidden + m.cnn_pool):
+        raise ConfigError(f"{source}: model.cnn_channels, cnn_hidden and cnn_pool entries must "
+                          "be >= 1")
+    side = m.input_size
+    for w in m.cnn_pool:
+        side //= w
+    if side < 1:
+        raise ConfigError(f"{source}: model.cnn_pool {m.cnn_pool} shrinks the "
+                          f"{m.input_size}x{m.input_size} input to nothing; use fewer or smaller "
+                          "pooling windows")
+
+
+def _validate_em(cfg: Config, source: str) -> None:
+    m = cfg.model
+    if m.input_size < 17:  # grids (side - 5) // 2 + 1 -> (g - 3) // 2 + 1 -> g - 2 must be >= 1
+        raise ConfigError(f"{source}: model.input_size={m.input_size} is too small for "
+                          "em-capsnet (Conv1 5x5/2, ConvCaps 3x3/2 and 3x3/1 need at least 17)")
+    if cfg.data.dataset == "smallnorb" and m.input_size != 32:
+        raise ConfigError(f"{source}: data.dataset=smallnorb gives 32x32 crops; set "
+                          "model.input_size=32")
+    if cfg.loss.spread_m_start > cfg.loss.spread_m_end:
+        raise ConfigError(f"{source}: loss.spread_m_start ({cfg.loss.spread_m_start}) must not "
+                          f"exceed loss.spread_m_end ({cfg.loss.spread_m_end})")
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``section.key=value`` with the value parsed as a YAML scalar (or flow list)."""
     if "=" not in text:
@@ -268,7 +346,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError:
+    except Exception:  # YAMLError, or a constructor's ValueError (2001-02-30, "!!float ")
         raise ConfigError(f"--set {key}: cannot parse value {raw!r} as YAML") from None
     return key, value
 
@@ -290,6 +368,10 @@ def read_yaml(path: str | Path) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except (ValueError, TypeError, IndexError, OverflowError, RecursionError) as e:
+        # the safe loader's constructors reject some values outright (2001-02-30, "!!float ")
+        raise ConfigError(f"{path}: invalid YAML value ({type(e).__name__}: "
+                          f"{str(e)[:100]})") from None
     if data is None:
         raise ConfigError(f"{path}: the config file is empty; copy one from configs/")
     return data
@@ -324,6 +406,7 @@ def reference() -> list[tuple[str, str, str]]:
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
                 else f.default
-            rows.append((f"{section}.{f.name}", yaml.safe_dump(default).strip()
-                         .removesuffix("\n...").removesuffix("..."), f.metadata["help"]))
+            shown = yaml.safe_dump(default, default_flow_style=True).strip()
+            rows.append((f"{section}.{f.name}", shown.removesuffix("...").strip(),
+                         f.metadata["help"]))
     return rows

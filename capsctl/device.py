@@ -61,3 +61,40 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def compile_model(model, enabled: bool, warn):
+    """``torch.compile(model)`` that falls back to the eager model, with one ``warn(message)``,
+    when compiling fails - at wrapping time or at the first call (no C++ compiler, unsupported
+    platform). Returns a callable with the model's forward signature."""
+    if not enabled:
+        return model
+    try:
+        compiled = torch.compile(model)
+    except Exception as e:  # compile unavailable on this platform / build
+        warn(f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+             "running without it")
+        return model
+    state = {"fn": compiled}
+
+    def call(*args, **kwargs):
+        if state["fn"] is model:
+            return model(*args, **kwargs)
+        try:
+            return state["fn"](*args, **kwargs)
+        except Exception as e:  # the backend failed to build the graph
+            state["fn"] = model
+            first = (str(e).splitlines() or [""])[0][:200]
+            warn(f"torch.compile failed ({type(e).__name__}: {first}); running without it")
+            return model(*args, **kwargs)
+
+    return call
+
+
+def use_channels_last(device: torch.device, precision: str) -> bool:
+    """Whether to keep convolution weights and activations channels_last (NHWC).
+
+    On CPUs (oneDNN) NCHW was faster for the CapsNet's two big convolutions in both fp32 and
+    bf16 (capsctl bench, docs/performance.md); on CUDA, bf16 convolutions use tensor cores in
+    NHWC, so channels_last is on there (not measured on a GPU yet)."""
+    return device.type == "cuda" and precision == "bf16"

@@ -14,18 +14,20 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from capsctl import checkpoint, data as data_mod
 from capsctl.config import Config, dump, to_dict
-from capsctl.device import autocast
-from capsctl.errors import CapsctlError, TrainingError
-from capsctl.evaluate import evaluate
+from capsctl.device import autocast, compile_model, use_channels_last
+from capsctl.errors import CapsctlError, CheckpointError, TrainingError
+from capsctl.evaluate import count_correct, evaluate, model_labels
 from capsctl.models import build_model, count_parameters, loss_fn as make_loss_fn
 from capsctl.writers import for_run
 
 CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
 
 
 class Interrupted(Exception):
@@ -51,14 +53,48 @@ class RunPaths:
         return self.root / "checkpoints" / "best.pt"
 
 
+RESUME_KEYS = ("optimizer", "step", "epoch", "batch_in_epoch", "best_val_accuracy",
+               "best_step", "rng")
+
+
+def check_run_dir(runs_root: Path, name: str, force: bool) -> Path:
+    """The path of a new run folder; an existing one is an error unless ``force``."""
+    run_dir = runs_root / name
+    if run_dir.exists() and not force:
+        raise CapsctlError(f"run folder {run_dir} already exists; continue it with --resume "
+                           f"{run_dir}, pick another --name, or pass --force to move it aside")
+    return run_dir
+
+
+def _write_config(run_dir: Path, cfg: Config) -> None:
+    """config.yaml, replaced atomically and only when it changes (resume with --set)."""
+    path = run_dir / CONFIG_FILE
+    text = "# resolved configuration of this run (capsctl)\n" + dump(cfg)
+    try:
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            return
+        tmp = path.with_name(f".{CONFIG_FILE}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise TrainingError(f"cannot write {path}: {e.strerror or e}; free space or fix "
+                            "permissions") from None
+
+
+def _trim_metrics(path: Path, size: int | None) -> None:
+    """Cut metrics.jsonl back to its length when the resumed checkpoint was written: rows logged
+    after it (and a line torn by a kill) are recomputed, so the file reads as one run."""
+    if size is None or not path.is_file() or path.stat().st_size <= size:
+        return
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
 def prepare_run_dir(runs_root: Path, name: str, force: bool) -> Path:
     """A new run folder. An existing one is an error, or with ``force`` is moved aside (never
     deleted) to ``NAME.replaced-YYYYmmdd-HHMMSS``."""
-    run_dir = runs_root / name
+    run_dir = check_run_dir(runs_root, name, force)
     if run_dir.exists():
-        if not force:
-            raise CapsctlError(f"run folder {run_dir} already exists; continue it with --resume "
-                               f"{run_dir}, pick another --name, or pass --force to move it aside")
         aside = run_dir.with_name(f"{name}.replaced-{datetime.now():%Y%m%d-%H%M%S}")
         shutil.move(str(run_dir), str(aside))
     try:
@@ -96,19 +132,17 @@ class SignalStop:
         return self
 
     def __exit__(self, *exc):
+        if self.signum is not None:  # stopping: a further signal still means "exit at once"
+            return
         for s, h in self._old.items():
             signal.signal(s, h)
 
 
 def _compiled(model, enabled: bool, console: Console):
-    if not enabled:
-        return model
-    try:
-        return torch.compile(model)
-    except Exception as e:  # compile unavailable on this platform / build
-        console.print(f"[yellow]warning:[/] torch.compile unavailable ({type(e).__name__}: {e}); "
-                      "training without it")
-        return model
+    """torch.compile'd model; falls back to eager with one warning, also when the first compiled
+    call fails (e.g. no C++ compiler)."""
+    return compile_model(model, enabled,
+                         lambda msg: console.print(f"[yellow]warning:[/] {msg}", highlight=False))
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -125,15 +159,23 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | None = None,
-          resume: bool = False, console: Console | None = None, show_progress: bool = True) -> dict:
+          resume: bool = False, console: Console | None = None, show_progress: bool = True,
+          force: bool = False) -> dict:
+    """Train into ``run_dir``: a new run creates the folder (``force``: moves an existing one
+    aside) once data and model are built; ``resume`` continues from its checkpoints/last.pt."""
     console = console or Console(stderr=True)
     paths = RunPaths(run_dir)
     t = cfg.train
+    skip_nonfinite = t.nonfinite == "skip"
 
     # --- data, model, optimizer -------------------------------------------------------------
     torch.manual_seed(t.seed)
     data = data_mod.build(cfg, device, data_root)
+    for name in t.final_eval:  # unknown names or wrong image sizes fail now, not after training
+        data_mod.check_eval(name, cfg)
     model = build_model(cfg.model).to(device)
+    if use_channels_last(device, t.precision):
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
                            betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                            weight_decay=cfg.optim.weight_decay)
@@ -151,20 +193,36 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
     accum: dict[str, torch.Tensor] = {}
     if resume:
         state = checkpoint.load(paths.last, map_location=device)
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"{paths.last}: not a resumable checkpoint (no "
+                                  f"{', '.join(missing)}; it holds weights only) - start a new "
+                                  "run instead")
+        invalid = [k for k in ("step", "epoch", "batch_in_epoch", "best_step")
+                   if type(state[k]) is not int or state[k] < -1]
+        if type(state["best_val_accuracy"]) not in (int, float):
+            invalid.append("best_val_accuracy")
+        if invalid or not 0 <= state["batch_in_epoch"] <= steps_per_epoch:
+            raise CheckpointError(f"{paths.last}: corrupt training state "
+                                  f"({', '.join(invalid) or 'batch_in_epoch'} out of range or "
+                                  "of the wrong type)")
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
+            _set_rng_state(state["rng"], device)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise CapsctlError(f"{paths.last}: does not match the configured model "
                                f"({str(e).splitlines()[0][:160]})") from None
         step, epoch, k_start = state["step"], state["epoch"], state["batch_in_epoch"]
         best_acc, best_step = state["best_val_accuracy"], state["best_step"]
         accum = {k: v.to(device) for k, v in state.get("log_accum", {}).items()}
-        _set_rng_state(state["rng"], device)
-    else:
-        (run_dir / CONFIG_FILE).write_text("# resolved configuration of this run (capsctl)\n"
-                                           + dump(cfg))
-    writers = for_run(run_dir)
+        for tmp in paths.last.parent.glob(".*.pt.*.tmp"):  # left by a kill during a save
+            tmp.unlink(missing_ok=True)
+        _trim_metrics(run_dir / METRICS_FILE, state.get("metrics_bytes"))
+    elif force or not run_dir.exists():  # created only now: a bad input leaves no folder
+        prepare_run_dir(run_dir.parent, run_dir.name, force)
+    _write_config(run_dir, cfg)
+    writers = for_run(run_dir, resume_step=step if resume else None)
     step_model = _compiled(model, t.compile, console)
 
     cfg_dict = to_dict(cfg)
@@ -188,7 +246,10 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
 
     def save_last(epoch_: int, k_: int) -> None:
         check_finite()
-        checkpoint.save(paths.last, state_dict(epoch_, k_))
+        metrics = run_dir / METRICS_FILE  # flushed per row: its size marks what came before
+        checkpoint.save(paths.last, {**state_dict(epoch_, k_),
+                                     "metrics_bytes": metrics.stat().st_size
+                                     if metrics.is_file() else 0})
 
     term_names: list[str] = []
     console.print(f"[bold]capsctl train[/] {cfg.model.name} ({count_parameters(model):,} "
@@ -205,7 +266,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
     model.train()
     started = time.perf_counter()
     with progress, SignalStop() as stop:
-        while epoch < t.epochs and step < total_steps:
+        while (epoch < t.epochs and step < total_steps
+               and not _target_reached(t, best_acc, data.val is not None)):
             task = progress.add_task("", total=steps_per_epoch, completed=k_start,
                                      epoch=f"{epoch + 1}/{t.epochs}", stats="")
             k_next = k_start
@@ -217,11 +279,14 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
                 for group in opt.param_groups:
                     group["lr"] = lr
                 with autocast(device, t.precision):
-                    out = step_model(batch["x"], batch["y"])
+                    out = step_model(batch["x"], model_labels(batch))  # (B, 2) MultiMNIST
                 losses = losses_of(out, batch, step)
                 opt.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                opt.step()
+                # train.nonfinite=skip: a host sync per step, paid only when asked for
+                skip = skip_nonfinite and not bool(torch.isfinite(losses["total"]))
+                if not skip:
+                    losses["total"].backward()
+                    opt.step()
                 step += 1
                 k_next = k + 1
                 progress.advance(task)
@@ -235,23 +300,32 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
                                  count=torch.zeros((), device=device, dtype=torch.long),
                                  steps=torch.zeros((), device=device, dtype=torch.long),
                                  bad_step=torch.full((), -1, device=device, dtype=torch.long))
-                accum["sum"] += terms
-                accum["correct"] += (out["scores"].detach().argmax(1) == batch["y"]).sum()
-                accum["count"] += batch["y"].shape[0]
-                accum["steps"] += 1
-                first_bad = (accum["bad_step"] < 0) & ~torch.isfinite(terms[-1])
-                accum["bad_step"] = torch.where(first_bad, step - 1, accum["bad_step"])
-                accum["bad_terms"] = torch.where(first_bad, terms, accum["bad_terms"])
+                if skip:
+                    accum.setdefault("skipped", torch.zeros((), device=device, dtype=torch.long))
+                    accum["skipped"] += 1
+                else:
+                    accum["sum"] += terms
+                    accum["correct"] += count_correct(out["scores"].detach(), batch)  # exact pair
+                    accum["count"] += batch["y"].shape[0]
+                    accum["steps"] += 1
+                    first_bad = (accum["bad_step"] < 0) & ~torch.isfinite(terms[-1])
+                    accum["bad_step"] = torch.where(first_bad, step - 1, accum["bad_step"])
+                    accum["bad_terms"] = torch.where(first_bad, terms, accum["bad_terms"])
                 n_log += batch["y"].shape[0]
 
                 if step % t.log_every == 0 or step == total_steps:
                     check_finite()
                     now = time.perf_counter()
                     ips = n_log / max(now - t_log, 1e-9)
-                    means = (accum["sum"] / accum["steps"]).tolist()
+                    means = (accum["sum"] / accum["steps"].clamp(min=1)).tolist()
                     metrics = {f"train/loss_{n}": v for n, v in zip(term_names, means)}
-                    metrics.update({"train/accuracy": int(accum["correct"]) / int(accum["count"]),
+                    metrics.update({"train/accuracy": int(accum["correct"])
+                                    / max(int(accum["count"]), 1),
                                     "lr": lr, "images_per_s": ips, "epoch": epoch})
+                    if "skipped" in accum:
+                        n_skipped = metrics["train/skipped_nonfinite"] = int(accum["skipped"])
+                        console.print(f"[yellow]warning:[/] skipped {n_skipped} batch(es) with "
+                                      f"a non-finite loss before step {step}")
                     writers.log(metrics, step)
                     progress.update(task, stats=f"loss {metrics['train/loss_total']:.4f} "
                                     f"acc {metrics['train/accuracy']:.4f} {ips:.0f} img/s")
@@ -287,8 +361,14 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
                               f"(best {best_acc:.4%} at step {best_step})")
                 if t.images_every_epoch:
                     _log_reconstructions(model, data.val, writers, step, device, t.precision)
+                if _target_reached(t, best_acc, True):
+                    console.print(f"early stop: val accuracy reached train.target_val_accuracy="
+                                  f"{t.target_val_accuracy:.4%}")
             save_last(epoch, k_start)
             last_ckpt_time = time.monotonic()
+            if stop.signum is not None:  # signalled during validation: last.pt is written
+                writers.close()
+                raise Interrupted(stop.signum, run_dir, step)
 
     # --- test the model picked on validation (never picked on test) ---------------------------
     if data.val is None or not paths.best.exists():
@@ -298,13 +378,38 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
     test_metrics = evaluate(model, data.test, t.eval_batch_size, device, t.precision)
     writers.log({"test/accuracy": test_metrics["accuracy"], "test/error": test_metrics["error"]},
                 step)
+    final = _final_eval(model, cfg, device, data_root, writers, step, console)
     writers.close()
     elapsed = time.perf_counter() - started
     return {"run_dir": str(run_dir), "steps": step, "epochs": epoch,
             "best_val_accuracy": best_acc if data.val is not None else None,
             "best_step": best_step, "test_accuracy": test_metrics["accuracy"],
             "test_error": test_metrics["error"], "test_n": test_metrics["n"],
-            "seconds": elapsed, "best_checkpoint": str(paths.best)}
+            "seconds": elapsed, "best_checkpoint": str(paths.best), "final_eval": final}
+
+
+def _target_reached(t, best_acc: float, has_val: bool) -> bool:
+    """Early stopping: ``train.target_val_accuracy`` (0 = off) reached on validation."""
+    return bool(t.target_val_accuracy) and has_val and best_acc >= t.target_val_accuracy
+
+
+def _final_eval(model, cfg: Config, device, data_root, writers, step: int, console) -> dict:
+    """``train.final_eval``: each dataset's test accuracy of the best model, logged as
+    test/<dataset>/accuracy; a dataset whose files are absent is skipped with a note."""
+    results = {}
+    for name in cfg.train.final_eval:
+        try:
+            source = data_mod.build_eval(name, "test", cfg, device, data_root)
+        except data_mod.MissingDataError as e:
+            console.print(f"[yellow]final eval on {name} skipped:[/] {escape(str(e))}",
+                          highlight=False)
+            continue
+        m = evaluate(model, source, cfg.train.eval_batch_size, device, cfg.train.precision)
+        writers.log({f"test/{name}/accuracy": m["accuracy"], f"test/{name}/error": m["error"]},
+                    step)
+        console.print(f"final eval: {name} test accuracy {m['accuracy']:.4%} (n={m['n']:,})")
+        results[name] = m["accuracy"]
+    return results
 
 
 @torch.no_grad()
@@ -314,6 +419,11 @@ def _log_reconstructions(model, source, writers, step, device, precision, n: int
     was = model.training
     model.eval()
     batch = source.get(torch.arange(min(n, len(source)), device=device))
+    if "y2" in batch and getattr(model, "decoder", None) is not None:  # MultiMNIST: Figure 5
+        from capsctl.visualize_multimnist import segmentation_grid
+
+        writers.image("segmentation", segmentation_grid(model, batch, device), step)
+        return
     with autocast(device, precision):
         out = model(batch["x"])
     model.train(was)

@@ -32,10 +32,11 @@ class JsonlWriter:
 
 
 class TensorBoardWriter:
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.w = SummaryWriter(str(log_dir))
+        # on resume, events logged after the checkpoint's step are hidden (they are recomputed)
+        self.w = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def log(self, metrics: dict, step: int) -> None:
         for k, v in metrics.items():
@@ -71,5 +72,6 @@ class Writers:
             w.close()
 
 
-def for_run(run_dir: Path) -> Writers:
-    return Writers(TensorBoardWriter(run_dir / "tb"), JsonlWriter(run_dir / "metrics.jsonl"))
+def for_run(run_dir: Path, resume_step: int | None = None) -> Writers:
+    return Writers(TensorBoardWriter(run_dir / "tb", purge_step=resume_step),
+                   JsonlWriter(run_dir / "metrics.jsonl"))

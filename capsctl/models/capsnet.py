@@ -54,6 +54,12 @@ class CapsNet(nn.Module):
         self.decoder = (Decoder(m.num_classes * m.class_dim, m.decoder_hidden,
                                 m.in_channels * m.input_size ** 2) if m.decoder else None)
 
+    @property
+    def routing_layout(self) -> tuple[int, int, int]:
+        """(types, H, W) of the routed children: child i of out["routing"] (B, I, J) is type
+        i // (H*W) at grid row (i // W) % H, column i % W (I = types * H * W)."""
+        return self.cfg.primary_types, self.grid, self.grid
+
     def encode(self, x: torch.Tensor, keep_routing: bool = False):
         h = F.relu(self.conv1(x))
         u_BIP = self.primary(h)

@@ -3,6 +3,17 @@
 Shape legend (suffixes on tensor names):
   B batch   I child (input) capsules   J parent (output) capsules
   P child capsule dimension   D parent capsule dimension   T capsule types   G grid side
+  K terms of a sum (routing backward)
+
+Fast path. The prediction vectors u_hat_j|i = W_ij u_i are made by one batched matrix product
+over the children and stored parent-major, (B, J, I, D): for every (example, parent) the I x D
+block of predictions is contiguous, so both routing contractions - s_j = sum_i c_ij u_hat_j|i and
+the agreement u_hat_j|i . v_j - are batched matrix-vector products that stream u_hat once each.
+The routing iterations run inside one autograd function (``RoutingByAgreement``) whose backward
+walks the iterations in reverse and writes the gradient of u_hat once (one batched product of K =
+2r - 1 outer-product terms) instead of autograd's one full-size temporary and one full-size
+addition per contraction. Memory: u_hat and its gradient, linear in the batch; nothing of size
+B x I x J x D x P is ever formed.
 """
 
 from __future__ import annotations
@@ -14,16 +25,21 @@ from torch import nn
 SQUASH_EPS = 1e-8
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32, or in fp64 when it already is."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
     """v = |s|^2 / (1 + |s|^2) * s / |s|, computed in fp32; a zero vector maps to zero (not NaN)."""
-    s32 = s.float()
+    s32 = _wide(s)
     sq = (s32 * s32).sum(dim, keepdim=True)
     return s32 * (sq / (1.0 + sq) / torch.sqrt(sq + eps))
 
 
 def safe_norm(v: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
     """Vector length in fp32 with a finite gradient at zero."""
-    v32 = v.float()
+    v32 = _wide(v)
     return torch.sqrt((v32 * v32).sum(dim) + eps)
 
 
@@ -50,6 +66,114 @@ class PrimaryCaps(nn.Module):
         return squash(u_BIP)
 
 
+def _squash_grad(s_BJD: torch.Tensor, g_v_BJD: torch.Tensor) -> torch.Tensor:
+    """d squash(s) / d s applied to ``g_v`` (small tensors: autograd on the squash itself)."""
+    with torch.enable_grad():
+        s = s_BJD.detach().requires_grad_(True)
+        (g_s,) = torch.autograd.grad(squash(s), s, g_v_BJD)
+    return g_s
+
+
+def _agree(m_NID: torch.Tensor, x_ND: torch.Tensor) -> torch.Tensor:
+    """m_i . x for every row i of each block: (N, I, D), (N, D) -> (N, I) in fp32.
+
+    Written as the row vector x^T times m^T (a product in ``m``'s dtype), the faster of the two
+    equivalent forms on CPUs."""
+    x_N1D = x_ND.to(m_NID.dtype).unsqueeze(1)
+    return _wide(torch.bmm(x_N1D, m_NID.transpose(1, 2)).squeeze(1))
+
+
+def _combine(x_NI: torch.Tensor, m_NID: torch.Tensor) -> torch.Tensor:
+    """sum_i x_i m_i for each block: (N, I), (N, I, D) -> (N, D) in fp32 (``m``'s dtype)."""
+    return _wide(torch.bmm(x_NI.to(m_NID.dtype).unsqueeze(1), m_NID).squeeze(1))
+
+
+class RoutingByAgreement(torch.autograd.Function):
+    """Procedure 1 of Sabour et al. (2017) on parent-major predictions u_hat (B, J, I, D).
+
+    apply(u_hat_BJID, bias_JD or None, iterations) -> (v_BJD fp32, c_BJI fp32 of every pass):
+    the output capsules, then the coupling coefficients of each pass (not differentiable).
+    Contractions run in u_hat's dtype (bf16 under autocast); logits, softmax and squash in fp32.
+    Gradients flow through every pass, agreement included, exactly as autograd would compute
+    them; the backward reads u_hat four times (three passes) and writes its gradient once.
+    """
+
+    @staticmethod
+    def forward(ctx, u_hat_BJID, bias_JD, iterations: int):
+        B, J, I, D = u_hat_BJID.shape
+        uh_NID = u_hat_BJID.view(B * J, I, D)  # N = B * J blocks of I x D predictions
+        b_BJI = None
+        cs, ss = [], []
+        for r in range(iterations):
+            if b_BJI is None:  # b = 0: uniform coupling
+                c_BJI = _wide(u_hat_BJID.new_full((B, J, I), 1.0 / J))
+            else:
+                c_BJI = torch.softmax(b_BJI, dim=1)          # over the parents j
+            s_BJD = _combine(c_BJI.view(B * J, I), uh_NID).view(B, J, D)
+            if bias_JD is not None:
+                s_BJD = s_BJD + _wide(bias_JD)
+            v_BJD = squash(s_BJD)
+            cs.append(c_BJI)
+            ss.append(s_BJD)
+            if r < iterations - 1:
+                agreement_BJI = _agree(uh_NID, v_BJD.view(B * J, D)).view(B, J, I)
+                b_BJI = agreement_BJI if b_BJI is None else b_BJI + agreement_BJI
+        ctx.save_for_backward(u_hat_BJID, *cs, *ss)
+        ctx.iterations = iterations
+        ctx.bias_dtype = bias_JD.dtype if bias_JD is not None else None
+        ctx.mark_non_differentiable(*cs)
+        return (v_BJD, *cs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_v_BJD, *_g_c):
+        R = ctx.iterations
+        u_hat_BJID, *saved = ctx.saved_tensors
+        cs, ss = saved[:R], saved[R:]
+        B, J, I, D = u_hat_BJID.shape
+        N, K, dt = B * J, 2 * R - 1, u_hat_BJID.dtype
+        uh_NID = u_hat_BJID.view(N, I, D)
+        # g_u_hat = sum_k x_k (outer) y_k: x (B, J, I) coefficients, y (B, J, D) vectors
+        x_NKI = u_hat_BJID.new_empty(N, K, I)
+        y_NKD = u_hat_BJID.new_empty(N, K, D)
+        g_v_BJD = _wide(g_v_BJD)
+        g_bias_JD = None
+        g_b_next = None  # dL/db of the following pass (b_{r+1} = b_r + agreement_r)
+        k = 0
+        for r in range(R - 1, -1, -1):
+            if r < R - 1:  # agreement_r = u_hat . v_r went into b_{r+1}
+                g_v_BJD = _combine(g_b_next.view(N, I), uh_NID).view(B, J, D)
+                x_NKI[:, k].copy_(g_b_next.view(N, I))
+                y_NKD[:, k].copy_(squash(ss[r]).view(N, D))
+                k += 1
+            g_s_BJD = _squash_grad(ss[r], g_v_BJD)
+            if ctx.bias_dtype is not None:
+                g_bias_JD = g_s_BJD.sum(0) if g_bias_JD is None else g_bias_JD + g_s_BJD.sum(0)
+            c_BJI = cs[r]
+            x_NKI[:, k].copy_(c_BJI.view(N, I))
+            y_NKD[:, k].copy_(g_s_BJD.view(N, D))
+            k += 1
+            if r > 0:  # c_0 = softmax(0) is a constant
+                g_c_BJI = _agree(uh_NID, g_s_BJD.view(N, D)).view(B, J, I)
+                g_b_BJI = c_BJI * (g_c_BJI - (c_BJI * g_c_BJI).sum(1, keepdim=True))
+                g_b_next = g_b_BJI if g_b_next is None else g_b_next + g_b_BJI
+        g_u_hat_BJID = torch.bmm(x_NKI.transpose(1, 2), y_NKD).view(B, J, I, D)
+        if g_bias_JD is not None:
+            g_bias_JD = g_bias_JD.to(ctx.bias_dtype)
+        return g_u_hat_BJID, g_bias_JD, None
+
+
+def route_BJID(u_hat_BJID: torch.Tensor, iterations: int, bias_JD: torch.Tensor | None = None,
+               keep: bool = False):
+    """Routing by agreement on parent-major predictions (B, J, I, D) (the fast layout).
+
+    Returns v (B, J, D) fp32 and, when ``keep``, the coupling c (B, I, J) of each pass.
+    """
+    v_BJD, *cs = RoutingByAgreement.apply(u_hat_BJID, bias_JD, iterations)
+    couplings = [c_BJI.transpose(1, 2) for c_BJI in cs] if keep else []
+    return v_BJD, couplings
+
+
 def route(u_hat_BIJD: torch.Tensor, iterations: int, bias_JD: torch.Tensor | None = None,
           keep: bool = False):
     """Routing by agreement (Sabour et al. 2017, Procedure 1), per example.
@@ -57,24 +181,10 @@ def route(u_hat_BIJD: torch.Tensor, iterations: int, bias_JD: torch.Tensor | Non
     b_ij starts at zero for every example; each of ``iterations`` passes takes the coupling
     c_ij = softmax_j(b_ij) over the parents, s_j = sum_i c_ij u_hat_j|i, v_j = squash(s_j); all but
     the last pass then add the agreement u_hat_j|i . v_j to b_ij. Gradients flow through every pass.
-    Returns v (B, J, D) in fp32 and, when ``keep``, the coupling c (B, I, J) of each pass.
+    Takes u_hat (B, I, J, D); returns v (B, J, D) in fp32 and, when ``keep``, the coupling c
+    (B, I, J) of each pass. (The layer itself calls ``route_BJID`` on its parent-major layout.)
     """
-    B, I, J, D = u_hat_BIJD.shape
-    b_BIJ = u_hat_BIJD.new_zeros(B, I, J, dtype=torch.float32)
-    couplings = []
-    v_BJD = None
-    for r in range(iterations):
-        c_BIJ = torch.softmax(b_BIJ, dim=2)
-        if keep:
-            couplings.append(c_BIJ.detach())
-        s_BJD = torch.einsum("bij,bijd->bjd", c_BIJ.to(u_hat_BIJD.dtype), u_hat_BIJD)
-        if bias_JD is not None:
-            s_BJD = s_BJD + bias_JD
-        v_BJD = squash(s_BJD)
-        if r < iterations - 1:
-            agreement_BIJ = torch.einsum("bijd,bjd->bij", u_hat_BIJD, v_BJD.to(u_hat_BIJD.dtype))
-            b_BIJ = b_BIJ + agreement_BIJ.float()
-    return v_BJD, couplings
+    return route_BJID(u_hat_BIJD.transpose(1, 2).contiguous(), iterations, bias_JD, keep)
 
 
 class RoutedCapsules(nn.Module):
@@ -87,9 +197,23 @@ class RoutedCapsules(nn.Module):
         self.W_IJDP = nn.Parameter(torch.randn(in_caps, out_caps, out_dim, in_dim) * init_std)
         self.bias_JD = nn.Parameter(torch.zeros(out_caps, out_dim)) if bias else None
 
+    def predictions_BJID(self, u_BIP: torch.Tensor) -> torch.Tensor:
+        """u_hat (B, J, I, D), contiguous: one batched product over the children (batch I of
+        (B x P) @ (P x J*D), W copied
+        to that layout first: 6 MB, cheaper than a strided product), then one copy into the parent-major layout."""
+        I, J, D, P = self.W_IJDP.shape
+        B = u_BIP.shape[0]
+        W_IPK = self.W_IJDP.permute(0, 3, 1, 2).reshape(I, P, J * D).contiguous()
+        u_hat_IBK = torch.bmm(u_BIP.transpose(0, 1), W_IPK)
+        return u_hat_IBK.view(I, B, J, D).permute(1, 2, 0, 3).contiguous()
+
     def predictions(self, u_BIP: torch.Tensor) -> torch.Tensor:
-        """u_hat (B, I, J, D): one batched contraction over the child dimension P."""
-        return torch.einsum("bip,ijdp->bijd", u_BIP, self.W_IJDP)
+        """u_hat (B, I, J, D): u_hat[b, i, j] = W_ij u_i. A transposed view of the parent-major
+        tensor the layer routes on (same values; call ``.contiguous()`` if you need that layout
+        in memory)."""
+        return self.predictions_BJID(u_BIP).transpose(1, 2)
 
     def forward(self, u_BIP: torch.Tensor, keep_routing: bool = False):
-        return route(self.predictions(u_BIP), self.iterations, self.bias_JD, keep_routing)
+        """v (B, J, D) fp32 and, when ``keep_routing``, the couplings (B, I, J) of every pass."""
+        return route_BJID(self.predictions_BJID(u_BIP), self.iterations, self.bias_JD,
+                          keep_routing)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from capsctl.config import ModelConfig
+from capsctl.errors import ConfigError
 
 KERNEL = 5
 
@@ -31,7 +32,7 @@ class MultiMNISTCNN(nn.Module):
                        nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             channels, side = width, side // 2
         if side < 1:
-            raise ValueError(f"model.input_size={m.input_size} is too small for "
+            raise ConfigError(f"model.input_size={m.input_size} is too small for "
                              f"{len(m.cnn_channels)} 2x2 poolings")
         self.features = nn.Sequential(*layers)
         fc, width = [], channels * side * side

@@ -1,0 +1,297 @@
+"""capsctl bench: throughput, memory and CPU time of a training step, of inference, and of the
+"conv-only bound" (Conv1 + PrimaryCaps forward + backward, the work no CapsNet can avoid).
+
+Every phase runs on a synthetic batch of the configured shape (no dataset needed), warms up, then
+times ``steps`` steps one by one and reports the median. Memory is the peak of the phase: the
+resident set's high-water mark on the CPU (reset before each phase through /proc/self/clear_refs
+where Linux allows it, else the process's lifetime peak) and ``torch.cuda.max_memory_allocated``
+on CUDA. CPU time is the process's user and system time (getrusage) per step: system time is
+where page faults from memory churn show.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from capsctl.config import Config
+from capsctl.device import autocast, compile_model, describe, use_channels_last
+from capsctl.errors import CapsctlError
+from capsctl.models import build_model, count_parameters, loss_fn as make_loss_fn
+
+
+@dataclass
+class Phase:
+    """One measured phase; times in milliseconds per step, memory in bytes."""
+
+    batch: int
+    images_per_s: float
+    step_ms: float          # median over the timed steps
+    step_ms_min: float
+    user_ms: float          # process user CPU time per step (all threads)
+    sys_ms: float           # process system CPU time per step
+    peak_mem: int | None    # bytes; see ``mem_kind`` in the report
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+def _reset_peak_rss() -> bool:
+    """Reset the resident set's high-water mark (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss() -> int:
+    peak = _status_kib("VmHWM")
+    if peak is not None:
+        return peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024
+
+
+def current_rss() -> int | None:
+    """Resident memory now (Linux), e.g. what the libraries take before any step runs."""
+    return _status_kib("VmRSS")
+
+
+class _Memory:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda max allocated" if device.type == "cuda" else "peak RSS"
+        self.since_start = False
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif not _reset_peak_rss():
+            self.since_start = True
+            self.kind = "peak RSS since start"
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return _peak_rss()
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class _Timer:
+    """One phase: a step function, its batch, its peak memory and per-step samples."""
+
+    step: Callable[[], None]
+    batch: int
+    peak_mem: int | None = None
+    wall: list | None = None
+    user: float = 0.0
+    sys: float = 0.0
+
+    def warm(self, n: int, device: torch.device, memory: _Memory) -> None:
+        """Run ``n`` untimed steps; the phase's peak memory is measured over them."""
+        memory.reset()
+        for _ in range(n):
+            self.step()
+        _sync(device)
+        self.peak_mem = memory.peak()
+
+    def timed(self, device: torch.device) -> None:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        self.step()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        self.wall = (self.wall or []) + [dt]
+        self.user += r1.ru_utime - r0.ru_utime
+        self.sys += r1.ru_stime - r0.ru_stime
+
+    def result(self) -> Phase:
+        n = len(self.wall)
+        med = statistics.median(self.wall)
+        return Phase(batch=self.batch, images_per_s=self.batch / med, step_ms=1e3 * med,
+                     step_ms_min=1e3 * min(self.wall), user_ms=1e3 * self.user / n,
+                     sys_ms=1e3 * self.sys / n, peak_mem=self.peak_mem)
+
+
+# --- synthetic batches --------------------------------------------------------------------------
+
+def synthetic_batch(cfg: Config, batch: int, device: torch.device, seed: int = 0) -> dict:
+    """A batch of the configured shape: images in [0, 1] and labels (two distinct labels and the
+    two source images for two-digit datasets such as MultiMNIST)."""
+    g = torch.Generator().manual_seed(seed)
+    m = cfg.model
+    shape = (batch, m.in_channels, m.input_size, m.input_size)
+    b = {"x": torch.rand(shape, generator=g),
+         "y": torch.randint(0, m.num_classes, (batch,), generator=g)}
+    if cfg.data.dataset == "multimnist":
+        b["y2"] = (b["y"] + torch.randint(1, m.num_classes, (batch,), generator=g)) % m.num_classes
+        b["x_a"], b["x_b"] = torch.rand(shape, generator=g), torch.rand(shape, generator=g)
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def _labels(batch: dict) -> torch.Tensor:
+    """What the trainer passes to the model: the label, or both labels (B, 2) for two digits."""
+    return torch.stack([batch["y"], batch["y2"]], 1) if "y2" in batch else batch["y"]
+
+
+def conv_bound_modules(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(Conv1, PrimaryCaps' convolution) of a CapsNet-like model, else None (no bound)."""
+    conv1 = getattr(model, "conv1", None)
+    primary = getattr(getattr(model, "primary", None), "conv", None)
+    if isinstance(conv1, nn.Conv2d) and isinstance(primary, nn.Conv2d):
+        return conv1, primary
+    return None
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
+        large_batch: int | None = None, steps: int = 10, warmup: int = 3,
+        warn: Callable[[str], None] = lambda msg: None) -> dict:
+    """Measure the configured model on ``device``; returns a JSON-ready dict (see ``KEYS``)."""
+    t = cfg.train
+    batch_size = batch_size or t.batch_size
+    large_batch = large_batch or t.eval_batch_size
+    if batch_size < 1 or large_batch < 1 or steps < 1 or warmup < 0:
+        raise CapsctlError("bench: --batch-size, --large-batch and --steps must be >= 1")
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model).to(device)
+    channels_last = use_channels_last(device, t.precision)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    memory = _Memory(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    batch = synthetic_batch(cfg, batch_size, device, t.seed)
+    batch["x"] = batch["x"].contiguous(memory_format=fmt)
+    report = {
+        "device": describe(device), "device_type": device.type, "dtype": t.precision,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "model": cfg.model.name, "parameters": count_parameters(model),
+        "channels_last": channels_last, "compile": t.compile, "compile_active": False,
+        "batch_size": batch_size, "large_batch": large_batch, "steps": steps, "warmup": warmup,
+        "mem_kind": memory.kind,
+        "mem_start": (int(torch.cuda.memory_allocated(device)) if device.type == "cuda"
+                      else current_rss()),
+    }
+
+    # The phases warm up (and have their peak memory taken) one after the other, smallest
+    # working set first; then the timed steps are interleaved round-robin, so that a change of
+    # load on a shared machine hits every phase alike and the ratios stay fair.
+    phases: dict[str, _Timer] = {}
+    mods = conv_bound_modules(model)
+    if mods is not None:
+        conv1, primary = mods
+        params = list(conv1.parameters()) + list(primary.parameters())
+
+        def bound_step():
+            with autocast(device, t.precision):
+                a = primary(torch.relu(conv1(batch["x"])))
+            a.float().sum().backward()
+            for p in params:
+                p.grad = None
+
+        phases["conv_bound"] = _Timer(bound_step, batch_size)
+
+    def infer_at(b: dict):
+        def step():
+            model.eval()
+            with torch.no_grad(), autocast(device, t.precision):
+                model(b["x"])
+        return step
+
+    phases["infer"] = _Timer(infer_at(batch), batch_size)
+
+    # training step: forward + loss + backward + optimizer step, exactly as the trainer does
+    losses_of = make_loss_fn(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
+                           betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                           weight_decay=cfg.optim.weight_decay)
+    fell_back = []
+    step_model = compile_model(model, t.compile, lambda msg: (fell_back.append(msg), warn(msg)))
+    labels = _labels(batch)
+
+    def train_step():
+        model.train()
+        with autocast(device, t.precision):
+            out = step_model(batch["x"], labels)
+        losses = losses_of(out, batch, 0)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        opt.step()
+
+    phases["train"] = _Timer(train_step, batch_size)
+    large = synthetic_batch(cfg, large_batch, device, t.seed + 1)
+    large["x"] = large["x"].contiguous(memory_format=fmt)
+    phases["infer_large"] = _Timer(infer_at(large), large_batch)
+
+    for name, ph in phases.items():
+        n = max(warmup, 1)
+        if name == "train" and t.compile:
+            n = max(n, 3)  # compiles the forward, then the backward, then one steady step
+        ph.warm(n, device, memory)
+    report["compile_active"] = bool(t.compile and not fell_back)
+    report["mem_kind"] = memory.kind
+    for _ in range(steps):
+        for ph in phases.values():
+            ph.timed(device)
+    train, bound = phases["train"].result(), phases.get("conv_bound")
+    bound = bound.result() if bound else None
+    infer, infer_large = phases["infer"].result(), phases["infer_large"].result()
+    report.update(train=asdict(train), infer=asdict(infer), infer_large=asdict(infer_large),
+                  conv_bound=asdict(bound) if bound else None)
+    report["train_vs_bound"] = train.images_per_s / bound.images_per_s if bound else None
+    return report
+
+
+KEYS = ("device", "device_type", "dtype", "torch", "threads", "model", "parameters",
+        "channels_last", "compile", "compile_active", "batch_size", "large_batch", "steps",
+        "warmup", "mem_kind", "mem_start", "train", "infer", "infer_large", "conv_bound",
+        "train_vs_bound")
+PHASE_KEYS = tuple(Phase.__dataclass_fields__)
+
+
+def cpu_info() -> str:
+    """The CPU model name (Linux), for the report header."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
