@@ -268,13 +268,16 @@ def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
     report.update(train=asdict(train), infer=asdict(infer), infer_large=asdict(infer_large),
                   conv_bound=asdict(bound) if bound else None)
     report["train_vs_bound"] = train.images_per_s / bound.images_per_s if bound else None
+    # the same ratio from CPU time (user + system), steadier than wall time on a shared machine
+    report["train_vs_bound_cpu"] = ((bound.user_ms + bound.sys_ms) / (train.user_ms + train.sys_ms)
+                                    if bound and train.user_ms + train.sys_ms > 0 else None)
     return report
 
 
 KEYS = ("device", "device_type", "dtype", "torch", "threads", "model", "parameters",
         "channels_last", "compile", "compile_active", "batch_size", "large_batch", "steps",
         "warmup", "mem_kind", "mem_start", "train", "infer", "infer_large", "conv_bound",
-        "train_vs_bound")
+        "train_vs_bound", "train_vs_bound_cpu")
 PHASE_KEYS = tuple(Phase.__dataclass_fields__)
 
 

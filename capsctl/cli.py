@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from capsctl import __version__
-from capsctl.errors import CapsctlError
+from capsctl.errors import CapsctlError, TrainingError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
@@ -62,6 +62,16 @@ def cli_errors(fn):
     return wrapper
 
 
+def _join_group(device: str | None):
+    """Under torchrun: join the process group; ranks other than 0 print nothing."""
+    from capsctl import distributed
+
+    group, device_name = distributed.init(device or "auto")
+    if not group.is_main:
+        out.quiet = err.quiet = True
+    return group, (device_name if group.enabled else device)
+
+
 def _version(value: bool):
     if value:
         out.print(f"capsctl {__version__}")
@@ -103,15 +113,27 @@ def train(
     data_root: DataRootOpt = None,
     no_progress: Annotated[bool, typer.Option(
         "--no-progress", help="No progress bar (for logs). Default: shown.")] = False,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", help="Train with N processes on this machine (DDP; starts torchrun). "
+                        "Default: 1.")] = 1,
 ):
     """Train a model from a YAML experiment; writes runs/NAME/ (config, checkpoints, TensorBoard,
     metrics.jsonl).
 
     Examples: capsctl train configs/mnist.yaml --set train.epochs=1;
-    capsctl train --resume runs/mnist
+    capsctl train --resume runs/mnist; capsctl train configs/mnist.yaml --nproc 2
     """
-    from capsctl import checkpoint, config as config_mod, device as device_mod
+    from capsctl import checkpoint, config as config_mod, device as device_mod, distributed
     from capsctl.train import check_run_dir, train as train_fn
+
+    if nproc < 1:
+        raise CapsctlError(f"--nproc {nproc}: expected 1 or more")
+    if nproc > 1:
+        if distributed.env_group().enabled:
+            raise CapsctlError("--nproc conflicts with torchrun: use one or the other")
+        argv = distributed.torchrun_argv(nproc, distributed.strip_nproc(sys.argv[1:]))
+        os.execv(argv[0], argv)  # torchrun takes over this process (and its signals)
+    group, device = _join_group(device)
 
     if resume is not None:
         if force:
@@ -143,11 +165,20 @@ def train(
         cfg = config_mod.load(config, set_)
         folder = None
     dev = device_mod.resolve(device or cfg.train.device)
-    if folder is None:
-        folder = check_run_dir(run_dir, name or config.stem, force)  # created by train()
-    summary = train_fn(cfg, folder, dev, data_root=str(data_root) if data_root else None,
-                       resume=resume is not None, console=err, show_progress=not no_progress,
-                       force=force)
+    if folder is None:  # created by train(); rank 0 decides for every rank
+        folder = distributed.agree(lambda: check_run_dir(run_dir, name or config.stem, force),
+                                   group)
+    try:
+        summary = train_fn(cfg, folder, dev, data_root=str(data_root) if data_root else None,
+                           resume=resume is not None, console=err,
+                           show_progress=not no_progress, force=force, group=group)
+    except RuntimeError as e:
+        if not group.enabled:
+            raise
+        raise TrainingError(f"rank {group.rank}: a collective operation failed - a peer process "
+                            f"died or stalled ({str(e).splitlines()[0][:200]})") from None
+    finally:
+        distributed.shutdown()
     table = Table(title=f"run {summary['run_dir']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -186,15 +217,22 @@ def eval_(
     Examples: capsctl eval runs/mnist/checkpoints/best.pt;
     capsctl eval runs/mnist --split val --json
     """
+    from capsctl import distributed
     from capsctl.evaluate import evaluate_checkpoints
 
+    group, device = _join_group(device)
     if split not in ("test", "val"):
         raise CapsctlError(f"--split {split!r}: expected test or val")
     if batch_size < 0 or limit < 0:
         raise CapsctlError("--batch-size and --limit must be >= 0")
-    results = evaluate_checkpoints(checkpoints, dataset, split, device, batch_size or None,
-                                   limit or None, str(data_root) if data_root else None,
-                                   progress_console=None if as_json else err)
+    try:
+        results = evaluate_checkpoints(checkpoints, dataset, split, device, batch_size or None,
+                                       limit or None, str(data_root) if data_root else None,
+                                       progress_console=None if as_json else err, group=group)
+    finally:
+        distributed.shutdown()
+    if not group.is_main:
+        return
     if as_json:
         payload = results[0] if len(results) == 1 else {"results": results}
         sys.stdout.write(json.dumps(payload) + "\n")

@@ -89,6 +89,8 @@ def bench(
         table.add_row(name, str(p["batch"]), f"{p['images_per_s']:,.1f}", f"{p['step_ms']:.1f}",
                       f"{p['user_ms']:.1f}", f"{p['sys_ms']:.1f}", _mem(p["peak_mem"]))
     ratio = r["train_vs_bound"]
+    cpu = r["train_vs_bound_cpu"]
     table.caption = ("train / conv-only bound: " + ("n/a (the model has no Conv1 + PrimaryCaps)"
-                                                    if ratio is None else f"{ratio:.2f}x"))
+                                                    if ratio is None else f"{ratio:.2f}x")
+                     + (f" (by CPU time: {cpu:.2f}x)" if cpu is not None else ""))
     out.print(table)

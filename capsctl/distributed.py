@@ -110,6 +110,20 @@ def broadcast_object(obj, group: Group):
     return box[0]
 
 
+def agree(fn, group: Group):
+    """Run ``fn`` on rank 0 only and hand its result, or its one-line error, to every rank."""
+    result, error = None, None
+    if group.is_main:
+        try:
+            result = fn()
+        except CapsctlError as e:
+            error = str(e)
+    result, error = broadcast_object((result, error), group)
+    if error is not None:
+        raise CapsctlError(error)
+    return result
+
+
 def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
     """The command that re-runs ``capsctl`` ``argv`` under torchrun with ``nproc`` processes."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -7,6 +7,7 @@ import torch
 from pathlib import Path
 
 from capsctl.device import autocast
+from capsctl.distributed import SINGLE, Group, all_sum
 
 
 PAIR_METRICS = ("at_least_one_accuracy", "bbox_overlap_of_smaller", "bbox_overlap_iou")
@@ -34,12 +35,26 @@ def count_correct(scores_BJ: torch.Tensor, batch: dict) -> torch.Tensor:
     return (scores_BJ.argmax(dim=1) == batch["y"]).sum()
 
 
+def _batches(source, batch_size: int, limit: int | None, group: Group):
+    """The source's batches; under torchrun each rank takes every world-th batch."""
+    if not group.enabled:
+        yield from source.batches(batch_size, limit)
+        return
+    n = len(source) if limit is None else min(limit, len(source))
+    for start in range(group.rank * batch_size, n, group.world * batch_size):
+        yield source.get(torch.arange(start, min(start + batch_size, n),
+                                      device=source.data.device
+                                      if hasattr(source, "data") else None))
+
+
 @torch.no_grad()
 def evaluate(model, source, batch_size: int, device: torch.device, precision: str = "fp32",
-             loss_fn=None, limit: int | None = None, progress=None, step: int = 0) -> dict:
+             loss_fn=None, limit: int | None = None, progress=None, step: int = 0,
+             group: Group = SINGLE) -> dict:
     """Accuracy (and mean loss terms when ``loss_fn`` is given) of ``model`` on ``source``.
 
-    ``progress`` is an optional callable(n_done) for a progress bar.
+    ``progress`` is an optional callable(n_done) for a progress bar. Under torchrun the batches
+    are sharded across ranks and the counts summed, so every rank gets the one-process numbers.
     """
     was_training = model.training
     model.eval()
@@ -47,7 +62,7 @@ def evaluate(model, source, batch_size: int, device: torch.device, precision: st
     sums: dict[str, torch.Tensor] = {}
     pair_sums: dict[str, torch.Tensor] = {}
     n = 0
-    for batch in source.batches(batch_size, limit):
+    for batch in _batches(source, batch_size, limit, group):
         two = "y2" in batch  # MultiMNIST: score by exact pair; the loss decodes each true digit
         with autocast(device, precision):
             out = model(batch["x"], model_labels(batch) if two and loss_fn else None)
@@ -62,6 +77,14 @@ def evaluate(model, source, batch_size: int, device: torch.device, precision: st
         if progress is not None:
             progress(n)
     model.train(was_training)
+    if group.enabled:  # counts, not averages of averages
+        names = sorted(sums) + sorted(pair_sums)
+        packed = torch.stack([correct.double(), torch.tensor(float(n), device=device).double()]
+                             + [{**sums, **pair_sums}[k].double() for k in names])
+        all_sum(packed, group)
+        correct, n = packed[0].long(), int(packed[1].item())
+        for i, k in enumerate(names):
+            (sums if k in sums else pair_sums)[k] = packed[2 + i]
     c = int(correct.item())
     metrics = {"n": n, "correct": c, "accuracy": c / max(n, 1), "error": 1 - c / max(n, 1)}
     for k, v in sums.items():
@@ -87,7 +110,7 @@ def _add_pair_sums(sums: dict, scores_BJ: torch.Tensor, batch: dict) -> None:
 
 def evaluate_checkpoints(paths, datasets, split: str, device_name: str | None,
                          batch_size: int | None, limit: int | None, data_root: str | None,
-                         progress_console=None) -> list[dict]:
+                         progress_console=None, group: Group = SINGLE) -> list[dict]:
     """Evaluate every checkpoint on every dataset (default: the one it was trained on)."""
     from rich.progress import Progress
 
@@ -109,7 +132,7 @@ def evaluate_checkpoints(paths, datasets, split: str, device_name: str | None,
                           transient=True) as bar:
                 task = bar.add_task(f"{Path(str(path)).name} on {name}", total=total)
                 m = evaluate(model, source, bs, device, cfg.train.precision, limit=n_max,
-                             progress=lambda n: bar.update(task, completed=n))
+                             progress=lambda n: bar.update(task, completed=n), group=group)
             results.append({"checkpoint": str(path), "dataset": name, "split": split,
                             "n": m["n"], "correct": m["correct"], "accuracy": m["accuracy"],
                             "error": m["error"], "model": cfg.model.name,

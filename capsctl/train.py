@@ -21,10 +21,11 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from capsctl import checkpoint, data as data_mod
 from capsctl.config import Config, dump, to_dict
 from capsctl.device import autocast, compile_model, use_channels_last
+from capsctl.distributed import SINGLE, Group, all_max, all_sum, barrier, local_batch_size
 from capsctl.errors import CapsctlError, CheckpointError, TrainingError
 from capsctl.evaluate import count_correct, evaluate, model_labels
 from capsctl.models import build_model, count_parameters, loss_fn as make_loss_fn
-from capsctl.writers import for_run
+from capsctl.writers import Writers, for_run
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -119,9 +120,11 @@ class SignalStop:
         self._old = {}
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        # the same signal twice exits at once; a SIGTERM after a SIGINT is what torchrun sends
+        # its workers when Ctrl-C reached them all: let them finish and write the checkpoint
+        if self.signum is not None and signum == self.signum:
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -160,10 +163,15 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | None = None,
           resume: bool = False, console: Console | None = None, show_progress: bool = True,
-          force: bool = False) -> dict:
+          force: bool = False, group: Group = SINGLE) -> dict:
     """Train into ``run_dir``: a new run creates the folder (``force``: moves an existing one
-    aside) once data and model are built; ``resume`` continues from its checkpoints/last.pt."""
+    aside) once data and model are built; ``resume`` continues from its checkpoints/last.pt.
+
+    Under torchrun (``group.enabled``) every rank runs this same loop on its slice of each global
+    batch with a DDP-wrapped model; rank 0 alone writes files and prints.
+    """
     console = console or Console(stderr=True)
+    main = group.is_main
     paths = RunPaths(run_dir)
     t = cfg.train
     skip_nonfinite = t.nonfinite == "skip"
@@ -171,6 +179,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
     # --- data, model, optimizer -------------------------------------------------------------
     torch.manual_seed(t.seed)
     data = data_mod.build(cfg, device, data_root)
+    local_batch = local_batch_size(t.batch_size, group)  # the global batch split across ranks
     for name in t.final_eval:  # unknown names or wrong image sizes fail now, not after training
         data_mod.check_eval(name, cfg)
     model = build_model(cfg.model).to(device)
@@ -215,15 +224,28 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
                                f"({str(e).splitlines()[0][:160]})") from None
         step, epoch, k_start = state["step"], state["epoch"], state["batch_in_epoch"]
         best_acc, best_step = state["best_val_accuracy"], state["best_step"]
-        accum = {k: v.to(device) for k, v in state.get("log_accum", {}).items()}
-        for tmp in paths.last.parent.glob(".*.pt.*.tmp"):  # left by a kill during a save
-            tmp.unlink(missing_ok=True)
-        _trim_metrics(run_dir / METRICS_FILE, state.get("metrics_bytes"))
-    elif force or not run_dir.exists():  # created only now: a bad input leaves no folder
+        # the stored accumulators are the sums over all ranks: rank 0 carries them on, the
+        # others start from zero with the same keys (collectives need the same shapes)
+        accum = {k: v.to(device) if main else (torch.full_like(v, -1) if k == "bad_step"
+                                               else torch.zeros_like(v)).to(device)
+                 for k, v in state.get("log_accum", {}).items()}
+        if main:
+            for tmp in paths.last.parent.glob(".*.pt.*.tmp"):  # left by a kill during a save
+                tmp.unlink(missing_ok=True)
+            _trim_metrics(run_dir / METRICS_FILE, state.get("metrics_bytes"))
+    elif main and (force or not run_dir.exists()):  # created only now: bad input leaves none
         prepare_run_dir(run_dir.parent, run_dir.name, force)
-    _write_config(run_dir, cfg)
-    writers = for_run(run_dir, resume_step=step if resume else None)
-    step_model = _compiled(model, t.compile, console)
+    if main:
+        _write_config(run_dir, cfg)
+    barrier(group)
+    writers = for_run(run_dir, resume_step=step if resume else None) if main else Writers()
+    ddp = None
+    if group.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index]
+                                      if device.type == "cuda" else None)
+    step_model = _compiled(ddp or model, t.compile, console)
 
     cfg_dict = to_dict(cfg)
 
@@ -233,10 +255,21 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
              "rng": _rng_state(device)}
         if with_optimizer:
             s["optimizer"] = opt.state_dict()
-            s["log_accum"] = {k: v.detach().clone() for k, v in accum.items()}
+            s["log_accum"] = reduced(accum)
         return s
 
+    def reduced(acc: dict) -> dict:
+        """Copies of the accumulators summed over ranks (bad_step: the max)."""
+        out = {k: v.detach().clone() for k, v in acc.items()}
+        if group.enabled:
+            for k, v in out.items():
+                (all_max if k == "bad_step" else all_sum)(v, group)
+        return out
+
     def check_finite() -> None:
+        if group.enabled and "bad_step" in accum:
+            accum.update({k: v for k, v in reduced(accum).items()
+                          if k in ("bad_step", "bad_terms")})
         if "bad_step" in accum and int(accum["bad_step"]) >= 0:
             terms = ", ".join(f"{k}={v:.4g}" for k, v in
                               zip(term_names, accum["bad_terms"].tolist()))
@@ -246,10 +279,11 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
 
     def save_last(epoch_: int, k_: int) -> None:
         check_finite()
-        metrics = run_dir / METRICS_FILE  # flushed per row: its size marks what came before
-        checkpoint.save(paths.last, {**state_dict(epoch_, k_),
-                                     "metrics_bytes": metrics.stat().st_size
-                                     if metrics.is_file() else 0})
+        state = state_dict(epoch_, k_)  # every rank: the accumulators are reduced collectively
+        if main:
+            metrics = run_dir / METRICS_FILE  # flushed per row: its size marks what came before
+            checkpoint.save(paths.last, {**state, "metrics_bytes": metrics.stat().st_size
+                                         if metrics.is_file() else 0})
 
     term_names: list[str] = []
     console.print(f"[bold]capsctl train[/] {cfg.model.name} ({count_parameters(model):,} "
@@ -259,7 +293,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
     progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
                         MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                        disable=not show_progress, transient=False)
+                        disable=not (show_progress and main), transient=False)
     t_log, n_log = time.perf_counter(), 0
     last_ckpt_time = time.monotonic()
     val_metrics: dict = {}
@@ -275,9 +309,12 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
                 if step >= total_steps:
                     break
                 batch = data.train.batch(epoch, k, step)
+                if group.enabled:  # this rank's contiguous slice of the global batch
+                    lo = group.rank * local_batch
+                    batch = {name: v[lo:lo + local_batch] for name, v in batch.items()}
                 lr = lr_at(cfg, step)
-                for group in opt.param_groups:
-                    group["lr"] = lr
+                for param_group in opt.param_groups:
+                    param_group["lr"] = lr
                 with autocast(device, t.precision):
                     out = step_model(batch["x"], model_labels(batch))  # (B, 2) MultiMNIST
                 losses = losses_of(out, batch, step)
@@ -299,9 +336,9 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
                                  correct=torch.zeros((), device=device, dtype=torch.long),
                                  count=torch.zeros((), device=device, dtype=torch.long),
                                  steps=torch.zeros((), device=device, dtype=torch.long),
+                                 skipped=torch.zeros((), device=device, dtype=torch.long),
                                  bad_step=torch.full((), -1, device=device, dtype=torch.long))
                 if skip:
-                    accum.setdefault("skipped", torch.zeros((), device=device, dtype=torch.long))
                     accum["skipped"] += 1
                 else:
                     accum["sum"] += terms
@@ -316,14 +353,15 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
                 if step % t.log_every == 0 or step == total_steps:
                     check_finite()
                     now = time.perf_counter()
-                    ips = n_log / max(now - t_log, 1e-9)
-                    means = (accum["sum"] / accum["steps"].clamp(min=1)).tolist()
+                    ips = n_log * group.world / max(now - t_log, 1e-9)
+                    acc = reduced(accum)
+                    means = (acc["sum"] / acc["steps"].clamp(min=1)).tolist()
                     metrics = {f"train/loss_{n}": v for n, v in zip(term_names, means)}
-                    metrics.update({"train/accuracy": int(accum["correct"])
-                                    / max(int(accum["count"]), 1),
+                    metrics.update({"train/accuracy": int(acc["correct"])
+                                    / max(int(acc["count"]), 1),
                                     "lr": lr, "images_per_s": ips, "epoch": epoch})
-                    if "skipped" in accum:
-                        n_skipped = metrics["train/skipped_nonfinite"] = int(accum["skipped"])
+                    if int(acc.get("skipped", 0)):
+                        n_skipped = metrics["train/skipped_nonfinite"] = int(acc["skipped"])
                         console.print(f"[yellow]warning:[/] skipped {n_skipped} batch(es) with "
                                       f"a non-finite loss before step {step}")
                     writers.log(metrics, step)
@@ -333,8 +371,12 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
                         accum.clear()
                     t_log, n_log = now, 0
                 by_steps = t.checkpoint_every and step % t.checkpoint_every == 0
-                by_time = (t.checkpoint_minutes
-                           and time.monotonic() - last_ckpt_time > 60 * t.checkpoint_minutes)
+                by_time = bool(t.checkpoint_minutes
+                               and time.monotonic() - last_ckpt_time > 60 * t.checkpoint_minutes)
+                if group.enabled:  # a signal or the clock on any rank stops/saves on all
+                    flags = all_max(torch.tensor([stop.signum or 0, int(by_time)],
+                                                 device=device), group).tolist()
+                    stop.signum, by_time = flags[0] or None, bool(flags[1])
                 if stop.signum is not None or by_steps or by_time:
                     save_last(epoch, k_next)  # (epoch, steps_per_epoch) = validation pending
                     last_ckpt_time = time.monotonic()
@@ -351,15 +393,17 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
             check_finite()
             if data.val is not None:
                 val_metrics = evaluate(model, data.val, t.eval_batch_size, device, t.precision,
-                                       losses_of, step=step)
+                                       losses_of, step=step, group=group)
                 writers.log({f"val/{name}": v for name, v in val_metrics.items()
                              if name not in ("n", "correct")}, step)
                 if val_metrics["accuracy"] > best_acc:
                     best_acc, best_step = val_metrics["accuracy"], step
-                    checkpoint.save(paths.best, state_dict(epoch, k_start, with_optimizer=False))
+                    if main:
+                        checkpoint.save(paths.best, state_dict(epoch, k_start,
+                                                               with_optimizer=False))
                 console.print(f"epoch {epoch} (step {step}): val accuracy {val_metrics['accuracy']:.4%} "
                               f"(best {best_acc:.4%} at step {best_step})")
-                if t.images_every_epoch:
+                if t.images_every_epoch and main:
                     _log_reconstructions(model, data.val, writers, step, device, t.precision)
                 if _target_reached(t, best_acc, True):
                     console.print(f"early stop: val accuracy reached train.target_val_accuracy="
@@ -371,14 +415,16 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
                 raise Interrupted(stop.signum, run_dir, step)
 
     # --- test the model picked on validation (never picked on test) ---------------------------
-    if data.val is None or not paths.best.exists():
+    if main and (data.val is None or not paths.best.exists()):
         checkpoint.save(paths.best, state_dict(epoch, 0, with_optimizer=False))
+    barrier(group)
     best_state = checkpoint.load(paths.best, map_location=device)
     model.load_state_dict(best_state["model"])
-    test_metrics = evaluate(model, data.test, t.eval_batch_size, device, t.precision)
+    test_metrics = evaluate(model, data.test, t.eval_batch_size, device, t.precision,
+                            group=group)
     writers.log({"test/accuracy": test_metrics["accuracy"], "test/error": test_metrics["error"]},
                 step)
-    final = _final_eval(model, cfg, device, data_root, writers, step, console)
+    final = _final_eval(model, cfg, device, data_root, writers, step, console, group)
     writers.close()
     elapsed = time.perf_counter() - started
     return {"run_dir": str(run_dir), "steps": step, "epochs": epoch,
@@ -393,7 +439,8 @@ def _target_reached(t, best_acc: float, has_val: bool) -> bool:
     return bool(t.target_val_accuracy) and has_val and best_acc >= t.target_val_accuracy
 
 
-def _final_eval(model, cfg: Config, device, data_root, writers, step: int, console) -> dict:
+def _final_eval(model, cfg: Config, device, data_root, writers, step: int, console,
+                group: Group = SINGLE) -> dict:
     """``train.final_eval``: each dataset's test accuracy of the best model, logged as
     test/<dataset>/accuracy; a dataset whose files are absent is skipped with a note."""
     results = {}
@@ -404,7 +451,8 @@ def _final_eval(model, cfg: Config, device, data_root, writers, step: int, conso
             console.print(f"[yellow]final eval on {name} skipped:[/] {escape(str(e))}",
                           highlight=False)
             continue
-        m = evaluate(model, source, cfg.train.eval_batch_size, device, cfg.train.precision)
+        m = evaluate(model, source, cfg.train.eval_batch_size, device, cfg.train.precision,
+                     group=group)
         writers.log({f"test/{name}/accuracy": m["accuracy"], f"test/{name}/error": m["error"]},
                     step)
         console.print(f"final eval: {name} test accuracy {m['accuracy']:.4%} (n={m['n']:,})")

@@ -43,6 +43,7 @@ def test_bench_json_has_every_key():
     _check_phase(report["infer_large"], 16)
     assert report["train_vs_bound"] == report["train"]["images_per_s"] / \
         report["conv_bound"]["images_per_s"]
+    assert 0 < report["train_vs_bound_cpu"]
     assert report["mem_kind"].startswith("peak RSS")
 
 
@@ -53,8 +54,8 @@ def test_bench_table_prints_every_field():
     text = r.stdout
     for field in ("train step", "inference", "inference, large batch", "conv-only bound",
                   "images/s", "ms/step", "user ms/step", "sys ms/step", "peak RSS",
-                  "train / conv-only bound:", "bf16", f"torch {torch.__version__}", "threads",
-                  "compile off", "resident before the first step"):
+                  "train / conv-only bound:", "by CPU time", "bf16", f"torch {torch.__version__}",
+                  "threads", "compile off", "resident before the first step"):
         assert field in text, field
 
 
@@ -72,6 +73,7 @@ def test_bench_reports_no_bound_for_a_model_without_primary_capsules(monkeypatch
     report = bench.run(tiny_config(), resolve("cpu"), batch_size=4, large_batch=8, steps=1,
                        warmup=1)
     assert report["conv_bound"] is None and report["train_vs_bound"] is None
+    assert report["train_vs_bound_cpu"] is None
     _check_phase(report["train"], 4)
     _check_phase(report["infer_large"], 8)
 

@@ -188,7 +188,8 @@ def route(u_hat_BIJD: torch.Tensor, iterations: int, bias_JD: torch.Tensor | Non
 
 
 class RoutedCapsules(nn.Module):
-    """Fully connected capsule layer: u_hat_j|i = W_ij u_i for every (child, parent), then routing."""
+    """Fully connected capsule layer: u_hat_j|i = W_ij u_i for every (child, parent), then
+    routing by agreement."""
 
     def __init__(self, in_caps: int, out_caps: int, in_dim: int, out_dim: int, iterations: int,
                  init_std: float = 0.01, bias: bool = False):
@@ -199,8 +200,8 @@ class RoutedCapsules(nn.Module):
 
     def predictions_BJID(self, u_BIP: torch.Tensor) -> torch.Tensor:
         """u_hat (B, J, I, D), contiguous: one batched product over the children (batch I of
-        (B x P) @ (P x J*D), W copied
-        to that layout first: 6 MB, cheaper than a strided product), then one copy into the parent-major layout."""
+        (B x P) @ (P x J*D); W is first copied to that layout, 6 MB, cheaper than a strided
+        product), then one copy into the parent-major layout."""
         I, J, D, P = self.W_IJDP.shape
         B = u_BIP.shape[0]
         W_IPK = self.W_IJDP.permute(0, 3, 1, 2).reshape(I, P, J * D).contiguous()
