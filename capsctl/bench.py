@@ -26,6 +26,7 @@ from capsctl.config import Config
 from capsctl.device import autocast, compile_model, describe, use_channels_last
 from capsctl.errors import CapsctlError
 from capsctl.models import build_model, count_parameters, loss_fn as make_loss_fn
+from capsctl.train import build_optimizer
 
 
 @dataclass
@@ -231,9 +232,7 @@ def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
 
     # training step: forward + loss + backward + optimizer step, exactly as the trainer does
     losses_of = make_loss_fn(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
-                           betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                           weight_decay=cfg.optim.weight_decay)
+    opt = build_optimizer(model, cfg)
     fell_back = []
     step_model = compile_model(model, t.compile, lambda msg: (fell_back.append(msg), warn(msg)))
     labels = _labels(batch)

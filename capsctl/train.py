@@ -105,6 +105,13 @@ def prepare_run_dir(runs_root: Path, name: str, force: bool) -> Path:
     return run_dir
 
 
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Adam with the config's settings; the fused kernel (one pass over each parameter)."""
+    o = cfg.optim
+    return torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            weight_decay=o.weight_decay, fused=True)
+
+
 def lr_at(cfg: Config, step: int) -> float:
     """The authors' schedule: lr * decay^(step / decay_steps), smooth, floored at min_lr."""
     o = cfg.optim
@@ -185,9 +192,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
     model = build_model(cfg.model).to(device)
     if use_channels_last(device, t.precision):
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
-                           betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                           weight_decay=cfg.optim.weight_decay)
+    opt = build_optimizer(model, cfg)
     losses_of = make_loss_fn(cfg)
     steps_per_epoch = data.train.steps_per_epoch
     if steps_per_epoch == 0:

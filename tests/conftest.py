@@ -26,12 +26,24 @@ def find_real_mnist() -> Path | None:
 
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
-    """The real MNIST IDX files. Missing is a failure, never a skip."""
+    """The real MNIST IDX files: $CAPSCTL_DATA or ../shared/datasets/mnist; elsewhere (not in
+    CI) downloaded once into the cache folder. Missing is a failure, never a skip."""
     root = find_real_mnist()
-    if root is None:
-        pytest.fail("real MNIST not found: set CAPSCTL_DATA to a folder with the four IDX .gz "
-                    f"files or provide {SHARED_MNIST}")
-    return root
+    if root is not None:
+        return root
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail("real MNIST not found in CI: set CAPSCTL_DATA to a folder with the four IDX "
+                    f".gz files or provide {SHARED_MNIST}")
+    from capsctl.data import mnist
+    from capsctl.errors import DataError
+
+    cache = mnist.default_cache()
+    try:
+        for split in ("train", "test"):
+            mnist.load_split(cache, split, download=True)
+    except DataError as e:
+        pytest.fail(f"real MNIST not found and could not be downloaded: {e}")
+    return cache
 
 
 def tiny_config(**sections) -> Config:
