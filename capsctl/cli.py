@@ -67,7 +67,7 @@ def _join_group(device: str | None):
     from capsctl import distributed
 
     group, device_name = distributed.init(device or "auto")
-    if not group.is_main:
+    if not group.is_main and not _debug():
         out.quiet = err.quiet = True
     return group, (device_name if group.enabled else device)
 

@@ -123,26 +123,32 @@ class SignalStop:
     (checkpoints are only ever replaced by atomic rename, so nothing is torn)."""
 
     def __init__(self):
-        self.signum = None
+        self.received = None   # the first signal this process itself received (handler)
+        self.signum = None     # the signal the loop acts on: set by agree_flags() at step
+        #                        boundaries, the max over ranks under torchrun
         self._old = {}
 
     def _handle(self, signum, frame):
         # the same signal twice exits at once; a SIGTERM after a SIGINT is what torchrun sends
         # its workers when Ctrl-C reached them all: let them finish and write the checkpoint
-        if self.signum is not None and signum == self.signum:
+        if self.received is not None and signum == self.received:
             os._exit(128 + signum)
-        self.signum = self.signum or signum
+        self.received = self.received or signum
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[s] = signal.signal(s, self._handle)
+                # restart interrupted system calls (a collective's socket read under torchrun)
+                # instead of failing them: the handler only sets a flag
+                signal.siginterrupt(s, False)
             except ValueError:  # not in the main thread
                 pass
         return self
 
     def __exit__(self, *exc):
-        if self.signum is not None:  # stopping: a further signal still means "exit at once"
+        if self.received is not None or self.signum is not None:  # stopping: a further signal
+            # still means "exit at once" (a second one), or is ignored while we exit (torchrun)
             return
         for s, h in self._old.items():
             signal.signal(s, h)
@@ -290,6 +296,17 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
             checkpoint.save(paths.last, {**state, "metrics_bytes": metrics.stat().st_size
                                          if metrics.is_file() else 0})
 
+    def agree_flags(stop_: SignalStop, by_time: bool = False) -> bool:
+        """Under torchrun a signal (or the checkpoint clock) on any rank counts on every rank:
+        all stop, or all checkpoint, after the same step."""
+        received = stop_.received  # read once: the handler may set it at any moment
+        if group.enabled:  # every rank must take the same decision at the same step
+            flags = all_max(torch.tensor([received or 0, int(by_time)], device=device),
+                            group).tolist()
+            received, by_time = flags[0] or None, bool(flags[1])
+        stop_.signum = received
+        return by_time
+
     term_names: list[str] = []
     console.print(f"[bold]capsctl train[/] {cfg.model.name} ({count_parameters(model):,} "
                   f"parameters) on {device}, {cfg.train.precision}; run folder {run_dir}"
@@ -378,15 +395,13 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
                 by_steps = t.checkpoint_every and step % t.checkpoint_every == 0
                 by_time = bool(t.checkpoint_minutes
                                and time.monotonic() - last_ckpt_time > 60 * t.checkpoint_minutes)
-                if group.enabled:  # a signal or the clock on any rank stops/saves on all
-                    flags = all_max(torch.tensor([stop.signum or 0, int(by_time)],
-                                                 device=device), group).tolist()
-                    stop.signum, by_time = flags[0] or None, bool(flags[1])
+                by_time = agree_flags(stop, by_time)
                 if stop.signum is not None or by_steps or by_time:
                     save_last(epoch, k_next)  # (epoch, steps_per_epoch) = validation pending
                     last_ckpt_time = time.monotonic()
                     if stop.signum is not None:
                         writers.close()
+                        barrier(group)  # rank 0 has written last.pt before any rank exits
                         raise Interrupted(stop.signum, run_dir, step)
             progress.remove_task(task)
             if k_next == steps_per_epoch:
@@ -415,8 +430,10 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
                                   f"{t.target_val_accuracy:.4%}")
             save_last(epoch, k_start)
             last_ckpt_time = time.monotonic()
+            agree_flags(stop)
             if stop.signum is not None:  # signalled during validation: last.pt is written
                 writers.close()
+                barrier(group)
                 raise Interrupted(stop.signum, run_dir, step)
 
     # --- test the model picked on validation (never picked on test) ---------------------------

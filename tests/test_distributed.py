@@ -112,3 +112,38 @@ def test_a_dead_rank_ends_the_run(tmp_path, fake_mnist):
     assert "SIGKILL" in err or "peer" in err or "exitcode" in err, err[-2000:]
     # the run folder is still loadable
     assert torch.load(last, weights_only=True)["step"] >= 2
+
+
+def test_sigterm_on_one_rank_stops_all_with_a_checkpoint(tmp_path, fake_mnist):
+    args = train_args(tmp_path, "term", fake_mnist, steps=100000)
+    args += ["--set", "train.epochs=1000", "--set", "train.checkpoint_every=0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node=2", "-m", "capsctl", *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(), cwd=REPO, start_new_session=True)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.2)
+    assert metrics.exists(), "training never started"
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                             text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGTERM)       # rank 1 only
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        raise AssertionError("the ranks did not stop together after SIGTERM on one of them: "
+                             + err[-3000:])
+    assert proc.returncode != 0
+    last = tmp_path / "term" / "checkpoints" / "last.pt"
+    assert last.exists(), err[-2000:]               # written by rank 0 for the signal on rank 1
+    assert "Resume with: capsctl train --resume" in err, err[-2000:]
+    state = torch.load(last, weights_only=True)
+    assert state["step"] >= 1
+    res = capsctl("train", "--resume", tmp_path / "term", "--data-root", fake_mnist,
+                  "--no-progress", "--set", f"train.max_steps={state['step'] + 2}",
+                  "--set", "train.epochs=1000")
+    assert res.returncode == 0, res.stderr[-2000:]
