@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from capsctl.data.augment import generator
-from capsctl.data.datasets import ImageSet
+from capsctl.data.datasets import ImageSet, TrainStream
 from capsctl.errors import DataError
 
 URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
@@ -43,7 +43,7 @@ SIDE, DOWNSAMPLED, CROP = 96, 48, 32
 BRIGHTNESS = 0.25           # training: + U(-0.25, 0.25) (in units of the image's std)
 CONTRAST = (0.5, 1.5)       # training: deviations from the crop's mean scaled by U(0.5, 1.5)
 VAL_SEED = 0                # the validation images are a fixed random subset of the training set
-STREAM_ORDER, STREAM_CROP, STREAM_JITTER = 11, 12, 13
+STREAM_CROP, STREAM_JITTER = 12, 13
 
 
 def read_matrix(path: Path) -> np.ndarray:
@@ -158,24 +158,13 @@ def jitter(x_BCHW: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x_BCHW - mean) * factor + mean + delta
 
 
-class NorbTrainStream:
+class NorbTrainStream(TrainStream):
     """Shuffled training batches of random crops with jitter: ``batch(epoch, k, step)``, a pure
-    function of (seed, epoch, step) like the MNIST stream (exact resume)."""
+    function of (seed, epoch, step) like the MNIST stream (exact resume); the batch order is
+    the MNIST stream's."""
 
     def __init__(self, data: ImageSet, batch_size: int, seed: int):
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self._perm_epoch, self._perm = None, None
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.data) // self.batch_size
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm_epoch != epoch:
-            g = generator(torch.device("cpu"), self.seed, STREAM_ORDER, epoch)
-            self._perm = torch.randperm(len(self.data), generator=g).to(self.data.device)
-            self._perm_epoch = epoch
-        return self._perm
+        super().__init__(data, batch_size, seed)
 
     def batch(self, epoch: int, k: int, step: int) -> dict[str, torch.Tensor]:
         idx = self.permutation(epoch)[k * self.batch_size:(k + 1) * self.batch_size]

@@ -27,6 +27,17 @@ from capsctl.config import ModelConfig
 KERNEL = 5
 
 
+
+def classifier_head(in_features: int, m: ModelConfig) -> nn.Sequential:
+    """The fully connected part of the baselines: (FC ReLU dropout) per model.cnn_hidden, then
+    one linear layer to the classes."""
+    fc, width = [], in_features
+    for h in m.cnn_hidden:
+        fc += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(m.dropout)]
+        width = h
+    fc.append(nn.Linear(width, m.num_classes))
+    return nn.Sequential(*fc)
+
 class CNN(nn.Module):
     def __init__(self, m: ModelConfig):
         super().__init__()
@@ -41,12 +52,7 @@ class CNN(nn.Module):
                 side //= pool
             channels = width
         self.features = nn.Sequential(*layers)
-        fc, width = [], channels * side * side
-        for h in m.cnn_hidden:
-            fc += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(m.dropout)]
-            width = h
-        fc.append(nn.Linear(width, m.num_classes))
-        self.classifier = nn.Sequential(*fc)
+        self.classifier = classifier_head(channels * side * side, m)
 
     def forward(self, x_BCSS: torch.Tensor, y: torch.Tensor | None = None,
                 keep_routing: bool = False) -> dict:

@@ -18,6 +18,7 @@ from torch import nn
 
 from capsctl.config import ModelConfig
 from capsctl.errors import ConfigError
+from capsctl.models.cnn import classifier_head
 
 KERNEL = 5
 
@@ -35,12 +36,7 @@ class MultiMNISTCNN(nn.Module):
             raise ConfigError(f"model.input_size={m.input_size} is too small for "
                              f"{len(m.cnn_channels)} 2x2 poolings")
         self.features = nn.Sequential(*layers)
-        fc, width = [], channels * side * side
-        for h in m.cnn_hidden:
-            fc += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(m.dropout)]
-            width = h
-        fc.append(nn.Linear(width, m.num_classes))
-        self.classifier = nn.Sequential(*fc)
+        self.classifier = classifier_head(channels * side * side, m)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
                 keep_routing: bool = False) -> dict:
