@@ -87,57 +87,55 @@ def test_two_processes_equal_one(tmp_path, fake_mnist):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-def test_a_dead_rank_ends_the_run(tmp_path, fake_mnist):
-    args = train_args(tmp_path, "dead", fake_mnist, steps=100000)
-    args += ["--set", "train.epochs=1000", "--set", "train.checkpoint_every=2"]
+def start_two_ranks(tmp_path, name, data, extra, ready):
+    """A long 2-process run in its own session; returns (torchrun process, worker pids) once
+    ``ready(run_folder)`` holds."""
+    args = train_args(tmp_path, name, data, steps=100000) + ["--set", "train.epochs=1000", *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node=2", "-m", "capsctl", *map(str, args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env(), cwd=REPO, start_new_session=True)
-    last = tmp_path / "dead" / "checkpoints" / "last.pt"
     deadline = time.time() + 120
-    while time.time() < deadline and not last.exists():
+    while time.time() < deadline and not ready(tmp_path / name):
         time.sleep(0.2)
-    assert last.exists(), "training never reached its first checkpoint"
+    assert ready(tmp_path / name), "training never got going"
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                              text=True).stdout.split()
     assert len(workers) == 2, workers
-    os.kill(int(workers[-1]), signal.SIGKILL)
+    return proc, [int(w) for w in workers]
+
+
+def finish(proc, what: str) -> str:
     try:
         _, err = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("the surviving rank hung after its peer died")
+        _, err = proc.communicate()
+        raise AssertionError(f"{what}: {err[-3000:]}")
     assert proc.returncode != 0
+    return err
+
+
+def test_a_dead_rank_ends_the_run(tmp_path, fake_mnist):
+    last = tmp_path / "dead" / "checkpoints" / "last.pt"
+    proc, workers = start_two_ranks(tmp_path, "dead", fake_mnist,
+                                    ["--set", "train.checkpoint_every=2"],
+                                    lambda run: (run / "checkpoints" / "last.pt").exists())
+    os.kill(workers[-1], signal.SIGKILL)
+    err = finish(proc, "the surviving rank hung after its peer died")
     assert "SIGKILL" in err or "peer" in err or "exitcode" in err, err[-2000:]
     # the run folder is still loadable
     assert torch.load(last, weights_only=True)["step"] >= 2
 
 
 def test_sigterm_on_one_rank_stops_all_with_a_checkpoint(tmp_path, fake_mnist):
-    args = train_args(tmp_path, "term", fake_mnist, steps=100000)
-    args += ["--set", "train.epochs=1000", "--set", "train.checkpoint_every=0"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node=2", "-m", "capsctl", *map(str, args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(), cwd=REPO, start_new_session=True)
-    metrics = tmp_path / "term" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.2)
-    assert metrics.exists(), "training never started"
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                             text=True).stdout.split()
-    assert len(workers) == 2, workers
-    os.kill(int(workers[-1]), signal.SIGTERM)       # rank 1 only
-    try:
-        _, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        raise AssertionError("the ranks did not stop together after SIGTERM on one of them: "
-                             + err[-3000:])
-    assert proc.returncode != 0
+    def started(run):
+        return (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()
+
+    proc, workers = start_two_ranks(tmp_path, "term", fake_mnist,
+                                    ["--set", "train.checkpoint_every=0"], started)
+    os.kill(workers[-1], signal.SIGTERM)       # rank 1 only
+    err = finish(proc, "the ranks did not stop together after SIGTERM on one of them")
     last = tmp_path / "term" / "checkpoints" / "last.pt"
     assert last.exists(), err[-2000:]               # written by rank 0 for the signal on rank 1
     assert "Resume with: capsctl train --resume" in err, err[-2000:]
