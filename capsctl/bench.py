@@ -26,6 +26,7 @@ from capsctl.config import Config
 from capsctl.device import autocast, compile_model, describe, use_channels_last
 from capsctl.errors import CapsctlError
 from capsctl.models import build_model, count_parameters, loss_fn as make_loss_fn
+from capsctl.evaluate import model_labels
 from capsctl.train import build_optimizer
 
 
@@ -158,11 +159,6 @@ def synthetic_batch(cfg: Config, batch: int, device: torch.device, seed: int = 0
     return {k: v.to(device) for k, v in b.items()}
 
 
-def _labels(batch: dict) -> torch.Tensor:
-    """What the trainer passes to the model: the label, or both labels (B, 2) for two digits."""
-    return torch.stack([batch["y"], batch["y2"]], 1) if "y2" in batch else batch["y"]
-
-
 def conv_bound_modules(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(Conv1, PrimaryCaps' convolution) of a CapsNet-like model, else None (no bound)."""
     conv1 = getattr(model, "conv1", None)
@@ -235,7 +231,7 @@ def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
     opt = build_optimizer(model, cfg)
     fell_back = []
     step_model = compile_model(model, t.compile, lambda msg: (fell_back.append(msg), warn(msg)))
-    labels = _labels(batch)
+    labels = model_labels(batch)  # exactly what the trainer passes to the model
 
     def train_step():
         model.train()

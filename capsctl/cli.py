@@ -88,6 +88,9 @@ def _root(version: Annotated[Optional[bool], typer.Option(
 
 DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="auto | cpu | cuda | cuda:N. Default: train.device from the config (auto).")]
+SetOpt = Annotated[list[str], typer.Option(
+    "--set", help="Override a config key, repeatable: --set train.epochs=3 (values are YAML). "
+                  "Default: none.")]
 DataRootOpt = Annotated[Optional[Path], typer.Option(
     "--data-root", help="Folder with the MNIST IDX files. Default: data.root, then "
                         "$CAPSCTL_DATA, then ~/.cache/capsctl.")]
@@ -98,8 +101,7 @@ DataRootOpt = Annotated[Optional[Path], typer.Option(
 def train(
     config: Annotated[Optional[Path], typer.Argument(
         help="Experiment YAML (e.g. configs/mnist.yaml). Not needed with --resume.")] = None,
-    set_: Annotated[list[str], typer.Option(
-        "--set", help="Override a config key, repeatable: --set train.epochs=3. Default: none.")] = [],
+    set_: SetOpt = [],
     run_dir: Annotated[Path, typer.Option(
         "--run-dir", help="Folder that holds the run folders. Default: runs.")] = Path("runs"),
     name: Annotated[Optional[str], typer.Option(
@@ -149,8 +151,6 @@ def train(
                                "from")
         state = checkpoint.load(last)
         cfg = checkpoint.config_of(state, last)
-        base = config_mod.to_dict(cfg)
-        cfg = config_mod.from_dict(base, source=str(last))
         for text in set_:
             key, value = config_mod.parse_override(text)
             if not key.startswith("train.") or key in ("train.batch_size", "train.seed"):
@@ -261,8 +261,7 @@ def eval_(
 def config(
     path: Annotated[Optional[Path], typer.Argument(
         help="YAML file to resolve. Default: none (the built-in defaults).")] = None,
-    set_: Annotated[list[str], typer.Option(
-        "--set", help="Override a config key, repeatable. Default: none.")] = [],
+    set_: SetOpt = [],
     reference: Annotated[bool, typer.Option(
         "--reference", help="Print every key with its default and meaning (Markdown table).")]
     = False,

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from capsctl.cli import DeviceOpt, app, cli_errors, err, out
+from capsctl.cli import DeviceOpt, SetOpt, app, cli_errors, err, out
 from capsctl.errors import CapsctlError
 
 
@@ -24,9 +24,7 @@ def bench(
     config: Annotated[Optional[Path], typer.Argument(
         help="Experiment YAML. Default: none (the built-in defaults: the paper's MNIST "
              "CapsNet).")] = None,
-    set_: Annotated[list[str], typer.Option(
-        "--set", help="Override a config key, repeatable: --set train.precision=bf16. "
-                      "Default: none.")] = [],
+    set_: SetOpt = [],
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Training (and first inference) batch. Default: "
                              "train.batch_size.")] = 0,

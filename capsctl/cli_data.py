@@ -68,9 +68,9 @@ def affnist_synth(
     table.add_row("time", f"{time.perf_counter() - started:.1f} s")
     err.print(table)
     if out is not None and target.resolve() != (root / "affnist-synth").resolve():
-        err.print(f"note: `capsctl eval --dataset affnist-synth` looks in <data root>/"
-                  f"affnist-synth; evaluate with --data-root set to a folder holding both the "
-                  f"MNIST files and this one as affnist-synth/", highlight=False)
+        err.print("note: `capsctl eval --dataset affnist-synth` looks in <data root>/"
+                  "affnist-synth; evaluate with --data-root set to a folder holding both the "
+                  "MNIST files and this one as affnist-synth/", highlight=False)
 
 
 @data_app.command("affnist-download")

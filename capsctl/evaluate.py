@@ -35,16 +35,14 @@ def count_correct(scores_BJ: torch.Tensor, batch: dict) -> torch.Tensor:
     return (scores_BJ.argmax(dim=1) == batch["y"]).sum()
 
 
-def _batches(source, batch_size: int, limit: int | None, group: Group):
+def _batches(source, batch_size: int, limit: int | None, group: Group, device: torch.device):
     """The source's batches; under torchrun each rank takes every world-th batch."""
     if not group.enabled:
         yield from source.batches(batch_size, limit)
         return
     n = len(source) if limit is None else min(limit, len(source))
     for start in range(group.rank * batch_size, n, group.world * batch_size):
-        yield source.get(torch.arange(start, min(start + batch_size, n),
-                                      device=source.data.device
-                                      if hasattr(source, "data") else None))
+        yield source.get(torch.arange(start, min(start + batch_size, n), device=device))
 
 
 @torch.no_grad()
@@ -62,7 +60,7 @@ def evaluate(model, source, batch_size: int, device: torch.device, precision: st
     sums: dict[str, torch.Tensor] = {}
     pair_sums: dict[str, torch.Tensor] = {}
     n = 0
-    for batch in _batches(source, batch_size, limit, group):
+    for batch in _batches(source, batch_size, limit, group, device):
         two = "y2" in batch  # MultiMNIST: score by exact pair; the loss decodes each true digit
         with autocast(device, precision):
             out = model(batch["x"], model_labels(batch) if two and loss_fn else None)
@@ -119,8 +117,8 @@ def evaluate_checkpoints(paths, datasets, split: str, device_name: str | None,
     from capsctl.device import resolve
 
     results = []
+    device = resolve(device_name or "auto")
     for path in paths:
-        device = resolve(device_name or "auto")
         model, cfg, state = load_model(path, device)
         for name in datasets or [cfg.data.dataset]:
             source = data_mod.build_eval(name, split, cfg, device, data_root)

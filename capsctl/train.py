@@ -488,14 +488,16 @@ def _log_reconstructions(model, source, writers, step, device, precision, n: int
 
     was = model.training
     model.eval()
-    batch = source.get(torch.arange(min(n, len(source)), device=device))
-    if "y2" in batch and getattr(model, "decoder", None) is not None:  # MultiMNIST: Figure 5
-        from capsctl.visualize_multimnist import segmentation_grid
+    try:
+        batch = source.get(torch.arange(min(n, len(source)), device=device))
+        if "y2" in batch and getattr(model, "decoder", None) is not None:  # MultiMNIST: Fig. 5
+            from capsctl.visualize_multimnist import segmentation_grid
 
-        writers.image("segmentation", segmentation_grid(model, batch, device), step)
-        return
-    with autocast(device, precision):
-        out = model(batch["x"])
-    model.train(was)
+            writers.image("segmentation", segmentation_grid(model, batch, device), step)
+            return
+        with autocast(device, precision):
+            out = model(batch["x"])
+    finally:
+        model.train(was)  # back to training mode on every path
     if "recon" in out:
         writers.image("reconstructions", pair_grid(batch["x"], out["recon"]), step)

@@ -19,7 +19,6 @@ B x I x J x D x P is ever formed.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 SQUASH_EPS = 1e-8
@@ -131,7 +130,7 @@ class RoutingByAgreement(torch.autograd.Function):
         u_hat_BJID, *saved = ctx.saved_tensors
         cs, ss = saved[:R], saved[R:]
         B, J, I, D = u_hat_BJID.shape
-        N, K, dt = B * J, 2 * R - 1, u_hat_BJID.dtype
+        N, K = B * J, 2 * R - 1
         uh_NID = u_hat_BJID.view(N, I, D)
         # g_u_hat = sum_k x_k (outer) y_k: x (B, J, I) coefficients, y (B, J, D) vectors
         x_NKI = u_hat_BJID.new_empty(N, K, I)
