@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-from capsctl import checkpoint, data as data_mod
+from capsctl import checkpoint, data as data_mod, optim
 from capsctl.config import Config, dump, to_dict
 from capsctl.device import autocast, compile_model, use_channels_last
 from capsctl.distributed import SINGLE, Group, all_max, all_sum, barrier, local_batch_size
@@ -105,11 +105,12 @@ def prepare_run_dir(runs_root: Path, name: str, force: bool) -> Path:
     return run_dir
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Adam with the config's settings; the fused kernel (one pass over each parameter)."""
+def build_optimizer(model: torch.nn.Module, cfg: Config):
+    """Adam with the config's settings; the fused kernel (one pass over each parameter), see
+    capsctl/optim.py."""
     o = cfg.optim
-    return torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=o.weight_decay, fused=True)
+    return optim.build(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                       weight_decay=o.weight_decay)
 
 
 def lr_at(cfg: Config, step: int) -> float:

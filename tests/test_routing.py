@@ -150,3 +150,59 @@ def test_no_tensor_of_size_B_I_J_D_P_and_memory_linear_in_batch():
         assert mode.largest == batch * 12 * 5 * 6          # u_hat (B, J, I, D) and its gradient
         assert mode.largest < batch * 12 * 5 * 6 * 3
     assert largest[8] == 2 * largest[4]
+
+
+def _per_example_chunks(monkeypatch, examples: int, I_=I, J_=J, D_=D):
+    """Make PredictAndRoute cut the batch into chunks of ``examples`` (fp32)."""
+    import capsctl.models.capsules as caps
+    monkeypatch.setattr(caps, "CHUNK_BYTES", examples * J_ * I_ * D_ * 4)
+
+
+@pytest.mark.parametrize("examples", [1, 2])
+def test_batch_chunked_layer_equals_the_loop_reference(monkeypatch, examples):
+    """Chunks of 1 or 2 examples over a batch of 3 (the last chunk shorter): the same values,
+    couplings and gradients as the reference, u_hat recomputed in the backward."""
+    _per_example_chunks(monkeypatch, examples)
+    layer, u = _layer(3, bias=True)
+    v, couplings = layer(u, keep_routing=True)
+    params = [u, layer.W_IJDP, layer.bias_JD]
+    g_fast = torch.autograd.grad((v * torch.linspace(-1, 1, D)).sum(), params)
+    v_ref, c_ref = reference(u, layer.W_IJDP, 3, layer.bias_JD)
+    g_ref = torch.autograd.grad((v_ref * torch.linspace(-1, 1, D)).sum(), params)
+    torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
+    for r in range(3):
+        torch.testing.assert_close(couplings[r], c_ref[r], atol=1e-5, rtol=1e-5)
+    for g, gr in zip(g_fast, g_ref):
+        assert gr.abs().max() > 1e-4
+        torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_chunked_layer_passes_gradcheck_in_float64(monkeypatch):
+    import capsctl.models.capsules as caps
+    monkeypatch.setattr(caps, "CHUNK_BYTES", 2 * 2 * 5 * 4 * 8)  # 2 examples of float64
+    torch.manual_seed(3)
+    u = torch.randn(5, 5, 3, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(5, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    assert caps.batch_chunk(2, 5, 4, torch.float64) == 2
+    assert torch.autograd.gradcheck(
+        lambda u_, W_, b_: caps.PredictAndRoute.apply(u_, W_, b_, 3, torch.float64)[0],
+        (u, W, bias))
+
+
+def test_layer_memory_is_flat_in_batch_size_beyond_one_chunk(monkeypatch):
+    """With chunks of 4 examples, forward + backward at batch 8 and 16 have the same largest
+    tensor: one chunk's u_hat (4 x J x I x D) - neither u_hat nor its gradient is ever formed
+    for the whole batch."""
+    Ic, Jc, Dc, Pc = 12, 5, 6, 3
+    _per_example_chunks(monkeypatch, 4, Ic, Jc, Dc)
+    chunk = 4 * Jc * Ic * Dc
+    for batch in (8, 16):
+        torch.manual_seed(0)
+        layer = RoutedCapsules(Ic, Jc, Pc, Dc, 3)
+        assert layer.W_IJDP.numel() < chunk
+        u = squash(torch.randn(batch, Ic, Pc)).requires_grad_(True)
+        with _LargestTensor() as mode:
+            v, _ = layer(u)
+            v.sum().backward()
+        assert mode.largest == chunk, batch

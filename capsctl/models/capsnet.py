@@ -61,7 +61,7 @@ class CapsNet(nn.Module):
         return self.cfg.primary_types, self.grid, self.grid
 
     def encode(self, x: torch.Tensor, keep_routing: bool = False):
-        h = F.relu(self.conv1(x))
+        h = F.relu(self.conv1(x), inplace=True)  # conv backward needs only its input
         u_BIP = self.primary(h)
         return self.digits(u_BIP, keep_routing)
 

@@ -87,6 +87,64 @@ def _combine(x_NI: torch.Tensor, m_NID: torch.Tensor) -> torch.Tensor:
     return _wide(torch.bmm(x_NI.to(m_NID.dtype).unsqueeze(1), m_NID).squeeze(1))
 
 
+def _route_forward(u_hat_BJID: torch.Tensor, bias_JD, iterations: int):
+    """The routing passes: returns v (B, J, D) fp32, the coupling c (B, J, I) and the
+    pre-squash s (B, J, D) of every pass (what the backward needs)."""
+    B, J, I, D = u_hat_BJID.shape
+    uh_NID = u_hat_BJID.view(B * J, I, D)  # N = B * J blocks of I x D predictions
+    b_BJI = None
+    cs, ss = [], []
+    for r in range(iterations):
+        if b_BJI is None:  # b = 0: uniform coupling
+            c_BJI = _wide(u_hat_BJID.new_full((B, J, I), 1.0 / J))
+        else:
+            c_BJI = torch.softmax(b_BJI, dim=1)          # over the parents j
+        s_BJD = _combine(c_BJI.view(B * J, I), uh_NID).view(B, J, D)
+        if bias_JD is not None:
+            s_BJD = s_BJD + _wide(bias_JD)
+        v_BJD = squash(s_BJD)
+        cs.append(c_BJI)
+        ss.append(s_BJD)
+        if r < iterations - 1:
+            agreement_BJI = _agree(uh_NID, v_BJD.view(B * J, D)).view(B, J, I)
+            b_BJI = agreement_BJI if b_BJI is None else b_BJI + agreement_BJI
+    return v_BJD, cs, ss
+
+
+def _route_backward(u_hat_BJID: torch.Tensor, cs, ss, g_v_BJD: torch.Tensor, with_bias: bool):
+    """The gradient of the routing passes, as K = 2r - 1 outer-product terms: returns
+    (x_NKI, y_NKD, g_bias_JD or None) with dL/du_hat[n, i, :] = sum_k x[n, k, i] y[n, k, :]
+    (N = B * J). Walks the passes in reverse, reading u_hat once per contraction."""
+    R = len(cs)
+    B, J, I, D = u_hat_BJID.shape
+    N, K = B * J, 2 * R - 1
+    uh_NID = u_hat_BJID.view(N, I, D)
+    x_NKI = u_hat_BJID.new_empty(N, K, I)
+    y_NKD = u_hat_BJID.new_empty(N, K, D)
+    g_v_BJD = _wide(g_v_BJD)
+    g_bias_JD = None
+    g_b_next = None  # dL/db of the following pass (b_{r+1} = b_r + agreement_r)
+    k = 0
+    for r in range(R - 1, -1, -1):
+        if r < R - 1:  # agreement_r = u_hat . v_r went into b_{r+1}
+            g_v_BJD = _combine(g_b_next.view(N, I), uh_NID).view(B, J, D)
+            x_NKI[:, k].copy_(g_b_next.view(N, I))
+            y_NKD[:, k].copy_(squash(ss[r]).view(N, D))
+            k += 1
+        g_s_BJD = _squash_grad(ss[r], g_v_BJD)
+        if with_bias:
+            g_bias_JD = g_s_BJD.sum(0) if g_bias_JD is None else g_bias_JD + g_s_BJD.sum(0)
+        c_BJI = cs[r]
+        x_NKI[:, k].copy_(c_BJI.view(N, I))
+        y_NKD[:, k].copy_(g_s_BJD.view(N, D))
+        k += 1
+        if r > 0:  # c_0 = softmax(0) is a constant
+            g_c_BJI = _agree(uh_NID, g_s_BJD.view(N, D)).view(B, J, I)
+            g_b_BJI = c_BJI * (g_c_BJI - (c_BJI * g_c_BJI).sum(1, keepdim=True))
+            g_b_next = g_b_BJI if g_b_next is None else g_b_next + g_b_BJI
+    return x_NKI, y_NKD, g_bias_JD
+
+
 class RoutingByAgreement(torch.autograd.Function):
     """Procedure 1 of Sabour et al. (2017) on parent-major predictions u_hat (B, J, I, D).
 
@@ -99,24 +157,7 @@ class RoutingByAgreement(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u_hat_BJID, bias_JD, iterations: int):
-        B, J, I, D = u_hat_BJID.shape
-        uh_NID = u_hat_BJID.view(B * J, I, D)  # N = B * J blocks of I x D predictions
-        b_BJI = None
-        cs, ss = [], []
-        for r in range(iterations):
-            if b_BJI is None:  # b = 0: uniform coupling
-                c_BJI = _wide(u_hat_BJID.new_full((B, J, I), 1.0 / J))
-            else:
-                c_BJI = torch.softmax(b_BJI, dim=1)          # over the parents j
-            s_BJD = _combine(c_BJI.view(B * J, I), uh_NID).view(B, J, D)
-            if bias_JD is not None:
-                s_BJD = s_BJD + _wide(bias_JD)
-            v_BJD = squash(s_BJD)
-            cs.append(c_BJI)
-            ss.append(s_BJD)
-            if r < iterations - 1:
-                agreement_BJI = _agree(uh_NID, v_BJD.view(B * J, D)).view(B, J, I)
-                b_BJI = agreement_BJI if b_BJI is None else b_BJI + agreement_BJI
+        v_BJD, cs, ss = _route_forward(u_hat_BJID, bias_JD, iterations)
         ctx.save_for_backward(u_hat_BJID, *cs, *ss)
         ctx.iterations = iterations
         ctx.bias_dtype = bias_JD.dtype if bias_JD is not None else None
@@ -128,35 +169,9 @@ class RoutingByAgreement(torch.autograd.Function):
     def backward(ctx, g_v_BJD, *_g_c):
         R = ctx.iterations
         u_hat_BJID, *saved = ctx.saved_tensors
-        cs, ss = saved[:R], saved[R:]
-        B, J, I, D = u_hat_BJID.shape
-        N, K = B * J, 2 * R - 1
-        uh_NID = u_hat_BJID.view(N, I, D)
-        # g_u_hat = sum_k x_k (outer) y_k: x (B, J, I) coefficients, y (B, J, D) vectors
-        x_NKI = u_hat_BJID.new_empty(N, K, I)
-        y_NKD = u_hat_BJID.new_empty(N, K, D)
-        g_v_BJD = _wide(g_v_BJD)
-        g_bias_JD = None
-        g_b_next = None  # dL/db of the following pass (b_{r+1} = b_r + agreement_r)
-        k = 0
-        for r in range(R - 1, -1, -1):
-            if r < R - 1:  # agreement_r = u_hat . v_r went into b_{r+1}
-                g_v_BJD = _combine(g_b_next.view(N, I), uh_NID).view(B, J, D)
-                x_NKI[:, k].copy_(g_b_next.view(N, I))
-                y_NKD[:, k].copy_(squash(ss[r]).view(N, D))
-                k += 1
-            g_s_BJD = _squash_grad(ss[r], g_v_BJD)
-            if ctx.bias_dtype is not None:
-                g_bias_JD = g_s_BJD.sum(0) if g_bias_JD is None else g_bias_JD + g_s_BJD.sum(0)
-            c_BJI = cs[r]
-            x_NKI[:, k].copy_(c_BJI.view(N, I))
-            y_NKD[:, k].copy_(g_s_BJD.view(N, D))
-            k += 1
-            if r > 0:  # c_0 = softmax(0) is a constant
-                g_c_BJI = _agree(uh_NID, g_s_BJD.view(N, D)).view(B, J, I)
-                g_b_BJI = c_BJI * (g_c_BJI - (c_BJI * g_c_BJI).sum(1, keepdim=True))
-                g_b_next = g_b_BJI if g_b_next is None else g_b_next + g_b_BJI
-        g_u_hat_BJID = torch.bmm(x_NKI.transpose(1, 2), y_NKD).view(B, J, I, D)
+        x_NKI, y_NKD, g_bias_JD = _route_backward(u_hat_BJID, saved[:R], saved[R:], g_v_BJD,
+                                                  ctx.bias_dtype is not None)
+        g_u_hat_BJID = torch.bmm(x_NKI.transpose(1, 2), y_NKD).view(u_hat_BJID.shape)
         if g_bias_JD is not None:
             g_bias_JD = g_bias_JD.to(ctx.bias_dtype)
         return g_u_hat_BJID, g_bias_JD, None
@@ -186,6 +201,168 @@ def route(u_hat_BIJD: torch.Tensor, iterations: int, bias_JD: torch.Tensor | Non
     return route_BJID(u_hat_BIJD.transpose(1, 2).contiguous(), iterations, bias_JD, keep)
 
 
+CHUNK = 128  # children per chunk when u_hat changes layout (8 MB at batch 100, fp32)
+
+
+def _prepare(u_BIP: torch.Tensor, W_IJDP: torch.Tensor, dtype: torch.dtype):
+    """The child-major operands of the prediction product: u (I, B, P), W (I, P, J*D)."""
+    I, J, D, P = W_IJDP.shape
+    u_IBP = u_BIP.transpose(0, 1).to(dtype).contiguous()
+    W_IPK = W_IJDP.to(dtype).permute(0, 3, 1, 2).reshape(I, P, J * D).contiguous()
+    return u_IBP, W_IPK
+
+
+def _predict(u_IBP: torch.Tensor, W_IPK: torch.Tensor, J: int, chunk: int | None = CHUNK):
+    """u_hat (B, J, I, D): one batched product (B x P) @ (P x J*D) per child gives the
+    child-major layout, which is moved into the parent-major tensor ``chunk`` children at a
+    time (None: all at once), so the only temporary is one chunk."""
+    I, B, _ = u_IBP.shape
+    D = W_IPK.shape[2] // J
+    chunk = chunk or I
+    u_hat_BJID = u_IBP.new_empty(B, J, I, D)
+    for i0 in range(0, I, chunk):
+        i1 = min(i0 + chunk, I)
+        u_hat_cBK = torch.bmm(u_IBP[i0:i1], W_IPK[i0:i1])
+        u_hat_BJID[:, :, i0:i1].copy_(u_hat_cBK.view(i1 - i0, B, J, D).permute(1, 2, 0, 3))
+    return u_hat_BJID
+
+
+def _predict_backward(g_chunk, u_IBP, W_IPK, J: int, dtypes, needs=(True, True)):
+    """Gradients of u (B, I, P) and W (I, J, D, P) from the gradient of u_hat, which
+    ``g_chunk(i0, i1)`` hands over a chunk of children at a time as (i1 - i0, B, J*D)."""
+    I, B, P = u_IBP.shape
+    D = W_IPK.shape[2] // J
+    g_u_IBP = torch.empty_like(u_IBP) if needs[0] else None
+    g_W_IPK = torch.empty_like(W_IPK) if needs[1] else None
+    for i0 in range(0, I, CHUNK):
+        i1 = min(i0 + CHUNK, I)
+        g_cBK = g_chunk(i0, i1)
+        if g_u_IBP is not None:
+            torch.bmm(g_cBK, W_IPK[i0:i1].transpose(1, 2), out=g_u_IBP[i0:i1])
+        if g_W_IPK is not None:
+            torch.bmm(u_IBP[i0:i1].transpose(1, 2), g_cBK, out=g_W_IPK[i0:i1])
+    g_u = g_u_IBP.transpose(0, 1).to(dtypes[0]) if g_u_IBP is not None else None
+    g_W = (g_W_IPK.view(I, P, J, D).permute(0, 2, 3, 1).to(dtypes[1]).contiguous()
+           if g_W_IPK is not None else None)
+    return g_u, g_W
+
+
+class Predictions(torch.autograd.Function):
+    """apply(u_BIP, W_IJDP, dtype) -> u_hat_j|i = W_ij u_i as (B, J, I, D) in ``dtype``."""
+
+    @staticmethod
+    def forward(ctx, u_BIP, W_IJDP, dtype):
+        u_IBP, W_IPK = _prepare(u_BIP, W_IJDP, dtype)
+        ctx.save_for_backward(u_IBP, W_IPK)
+        ctx.dtypes = (u_BIP.dtype, W_IJDP.dtype)
+        return _predict(u_IBP, W_IPK, W_IJDP.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_BJID):
+        u_IBP, W_IPK = ctx.saved_tensors
+        B, J, I, D = g_BJID.shape
+        g_BJID = g_BJID.to(u_IBP.dtype)
+
+        def chunk(i0, i1):
+            return g_BJID[:, :, i0:i1].permute(2, 0, 1, 3).reshape(i1 - i0, B, J * D)
+
+        g_u, g_W = _predict_backward(chunk, u_IBP, W_IPK, J, ctx.dtypes,
+                                     ctx.needs_input_grad[:2])
+        return g_u, g_W, None
+
+
+CHUNK_BYTES = 8 << 20  # u_hat of one batch chunk in PredictAndRoute: fits a CPU's L3 cache
+
+
+def batch_chunk(J: int, I: int, D: int, dtype: torch.dtype) -> int:
+    """Examples per chunk so that the chunk's u_hat (chunk, J, I, D) is about CHUNK_BYTES."""
+    per_example = J * I * D * torch.empty((), dtype=dtype).element_size()
+    return max(1, CHUNK_BYTES // per_example)
+
+
+class PredictAndRoute(torch.autograd.Function):
+    """A whole routed capsule layer: predictions u_hat = W u, then routing by agreement.
+
+    apply(u_BIP, W_IJDP, bias_JD or None, iterations, dtype) -> (v_BJD, c_BJI of every pass).
+    Products over u_hat run in ``dtype`` (autocast's); logits, softmax and squash in fp32.
+
+    On a CPU, routing being per example, the layer runs a chunk of examples at a time
+    (``batch_chunk``: u_hat of a chunk is about 8 MB), so every pass over u_hat reads a chunk
+    that sits in the cache instead of main memory, and neither u_hat nor its gradient ever
+    exists for more than one chunk: the forward does not keep u_hat, the backward recomputes
+    each chunk's (one cheap product, P = 8 multiply-adds per element; measured: no slower than
+    keeping it) before walking the passes back. The layer's memory is then flat in the batch
+    size beyond one chunk. On CUDA the whole batch is one chunk and u_hat is kept. The same values as ``route_BJID(Predictions.apply(...))`` up to the
+    order of the sums over the batch in W's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, u_BIP, W_IJDP, bias_JD, iterations: int, dtype):
+        I, J, D, _ = W_IJDP.shape
+        B = u_BIP.shape[0]
+        on_cpu = u_BIP.device.type == "cpu"
+        step = batch_chunk(J, I, D, dtype) if on_cpu else B
+        keep = not on_cpu
+        vs, kept = [], []
+        cs, ss = [[] for _ in range(iterations)], [[] for _ in range(iterations)]
+        with torch.autocast(u_BIP.device.type, enabled=False):
+            u_IBP, W_IPK = _prepare(u_BIP, W_IJDP, dtype)
+            for b0 in range(0, B, step):
+                u_hat_bJID = _predict(u_IBP[:, b0:b0 + step], W_IPK, J, None)
+                v_bJD, cs_b, ss_b = _route_forward(u_hat_bJID, bias_JD, iterations)
+                if keep:
+                    kept.append(u_hat_bJID)
+                del u_hat_bJID
+                vs.append(v_bJD)
+                for r in range(iterations):
+                    cs[r].append(cs_b[r])
+                    ss[r].append(ss_b[r])
+        cat = (lambda ts: ts[0]) if len(vs) == 1 else (lambda ts: torch.cat(ts))
+        v_BJD, cs, ss = cat(vs), [cat(c) for c in cs], [cat(x) for x in ss]
+        ctx.save_for_backward(u_IBP, W_IPK, *cs, *ss, *kept)
+        ctx.iterations, ctx.step, ctx.J = iterations, step, J
+        ctx.dtypes = (u_BIP.dtype, W_IJDP.dtype)
+        ctx.bias_dtype = bias_JD.dtype if bias_JD is not None else None
+        ctx.mark_non_differentiable(*cs)
+        return (v_BJD, *cs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_v_BJD, *_g_c):
+        R, step, J = ctx.iterations, ctx.step, ctx.J
+        u_IBP, W_IPK, *saved = ctx.saved_tensors
+        cs, ss, kept = saved[:R], saved[R:2 * R], saved[2 * R:]
+        I, B, P = u_IBP.shape
+        D = W_IPK.shape[2] // J
+        need_u, need_W = ctx.needs_input_grad[:2]
+        g_u_IBP = torch.empty_like(u_IBP) if need_u else None
+        g_W_IPK = torch.zeros_like(W_IPK) if need_W else None
+        g_bias_JD = None
+        for b0 in range(0, B, step):
+            b1 = min(b0 + step, B)
+            u_c = u_IBP[:, b0:b1]
+            u_hat_bJID = kept[b0 // step] if kept else _predict(u_c, W_IPK, J, None)
+            x_NKI, y_NKD, g_bias_b = _route_backward(
+                u_hat_bJID, [c[b0:b1] for c in cs], [x[b0:b1] for x in ss], g_v_BJD[b0:b1],
+                ctx.bias_dtype is not None)
+            del u_hat_bJID
+            if g_bias_b is not None:
+                g_bias_JD = g_bias_b if g_bias_JD is None else g_bias_JD + g_bias_b
+            # dL/du_hat of the chunk, sum_k x_k (outer) y_k, then child-major (I, b, J*D)
+            g_IbK = torch.einsum("nki,nkd->ind", x_NKI, y_NKD).reshape(I, b1 - b0, J * D)
+            if need_u:
+                g_u_IBP[:, b0:b1] = torch.bmm(g_IbK, W_IPK.transpose(1, 2))
+            if need_W:
+                g_W_IPK.baddbmm_(u_c.transpose(1, 2), g_IbK)
+        g_u = g_u_IBP.transpose(0, 1).to(ctx.dtypes[0]) if need_u else None
+        g_W = (g_W_IPK.view(I, P, J, D).permute(0, 2, 3, 1).to(ctx.dtypes[1]).contiguous()
+               if need_W else None)
+        if g_bias_JD is not None:
+            g_bias_JD = g_bias_JD.to(ctx.bias_dtype)
+        return g_u, g_W, g_bias_JD, None, None
+
+
 class RoutedCapsules(nn.Module):
     """Fully connected capsule layer: u_hat_j|i = W_ij u_i for every (child, parent), then
     routing by agreement."""
@@ -198,14 +375,15 @@ class RoutedCapsules(nn.Module):
         self.bias_JD = nn.Parameter(torch.zeros(out_caps, out_dim)) if bias else None
 
     def predictions_BJID(self, u_BIP: torch.Tensor) -> torch.Tensor:
-        """u_hat (B, J, I, D), contiguous: one batched product over the children (batch I of
-        (B x P) @ (P x J*D); W is first copied to that layout, 6 MB, cheaper than a strided
-        product), then one copy into the parent-major layout."""
-        I, J, D, P = self.W_IJDP.shape
-        B = u_BIP.shape[0]
-        W_IPK = self.W_IJDP.permute(0, 3, 1, 2).reshape(I, P, J * D).contiguous()
-        u_hat_IBK = torch.bmm(u_BIP.transpose(0, 1), W_IPK)
-        return u_hat_IBK.view(I, B, J, D).permute(1, 2, 0, 3).contiguous()
+        """u_hat (B, J, I, D), contiguous (see ``Predictions``)."""
+        return Predictions.apply(u_BIP, self.W_IJDP, self._dtype(u_BIP))
+
+    @staticmethod
+    def _dtype(u_BIP: torch.Tensor) -> torch.dtype:
+        """The predictions are a matmul: autocast's dtype when it is on, else u's."""
+        if torch.is_autocast_enabled(u_BIP.device.type):
+            return torch.get_autocast_dtype(u_BIP.device.type)
+        return u_BIP.dtype
 
     def predictions(self, u_BIP: torch.Tensor) -> torch.Tensor:
         """u_hat (B, I, J, D): u_hat[b, i, j] = W_ij u_i. A transposed view of the parent-major
@@ -215,5 +393,6 @@ class RoutedCapsules(nn.Module):
 
     def forward(self, u_BIP: torch.Tensor, keep_routing: bool = False):
         """v (B, J, D) fp32 and, when ``keep_routing``, the couplings (B, I, J) of every pass."""
-        return route_BJID(self.predictions_BJID(u_BIP), self.iterations, self.bias_JD,
-                          keep_routing)
+        v_BJD, *cs = PredictAndRoute.apply(u_BIP, self.W_IJDP, self.bias_JD, self.iterations,
+                                           self._dtype(u_BIP))
+        return v_BJD, ([c_BJI.transpose(1, 2) for c_BJI in cs] if keep_routing else [])

@@ -44,17 +44,19 @@ def inverse_temperatures(iterations: int, lam: float, rate: float) -> list[float
 
 def m_step(a_NI: torch.Tensor, R_NJI: torch.Tensor, V_NJIH: torch.Tensor,
            beta_u_J: torch.Tensor, beta_a_J: torch.Tensor, lam: float, var_floor: float,
-           eps: float = 1e-8):
+           mass_scale: float = 1.0, eps: float = 1e-8):
     """One M-step. Returns (mu_NJH, sigma2_NJH, a_NJ, diff2_NJIH) where diff2 = (V - mu)^2 is
     handed to the E-step that follows (same mu). The votes are laid out parent-major (N, J, I, H)
-    so that every sum over children is a batched matrix product without copies."""
+    so that every sum over children is a batched matrix product without copies.
+    ``mass_scale`` multiplies sum_i R_ij in the cost only (1 = the paper; see EMRouting)."""
     Ra_NJI = R_NJI * a_NI.unsqueeze(1)
     mass_NJ = Ra_NJI.sum(dim=-1)                                  # sum_i R_ij (scaled)
     w_NJ1I = (Ra_NJI / (mass_NJ.unsqueeze(-1) + eps)).unsqueeze(2)  # eps: a parent without votes
     mu_NJ1H = torch.matmul(w_NJ1I, V_NJIH)
     diff2_NJIH = (V_NJIH - mu_NJ1H).square()
     sigma2_NJH = torch.matmul(w_NJ1I, diff2_NJIH).squeeze(2) + var_floor
-    cost_NJH = (beta_u_J.unsqueeze(-1) + 0.5 * torch.log(sigma2_NJH)) * mass_NJ.unsqueeze(-1)
+    cost_NJH = (beta_u_J.unsqueeze(-1) + 0.5 * torch.log(sigma2_NJH)) \
+        * (mass_scale * mass_NJ).unsqueeze(-1)
     a_NJ = torch.sigmoid(lam * (beta_a_J - cost_NJH.sum(dim=-1)))
     return mu_NJ1H.squeeze(2), sigma2_NJH, a_NJ, diff2_NJIH
 
@@ -118,7 +120,7 @@ class PatchSoftmax:
 
 def em_routing(a_NI: torch.Tensor, V_NJIH: torch.Tensor, beta_u_J: torch.Tensor,
                beta_a_J: torch.Tensor, lambdas: list[float], var_floor: float,
-               norm=None, keep_routing: bool = False):
+               norm=None, keep_routing: bool = False, mass_scale: float = 1.0):
     """Route children (activations ``a_NI``, votes ``V_NJIH``, parent-major) to parents.
 
     Returns (mu_NJH, a_NJ, routing) where routing is the list, per iteration, of the R_NIJ the
@@ -131,7 +133,7 @@ def em_routing(a_NI: torch.Tensor, V_NJIH: torch.Tensor, beta_u_J: torch.Tensor,
     iterations = len(lambdas)
     for t, lam in enumerate(lambdas):
         mu_NJH, sigma2_NJH, a_NJ, diff2_NJIH = m_step(a_NI, R_NJI, V_NJIH, beta_u_J, beta_a_J,
-                                                      lam, var_floor)
+                                                      lam, var_floor, mass_scale)
         if t < iterations - 1 or keep_routing:
             R_NJI = norm.normalise(e_step_logits(a_NJ, sigma2_NJH, diff2_NJIH))
             if keep_routing:
@@ -140,16 +142,24 @@ def em_routing(a_NI: torch.Tensor, V_NJIH: torch.Tensor, beta_u_J: torch.Tensor,
 
 
 class EMRouting(nn.Module):
-    """The learned part of routing: beta_u and beta_a per parent type (shared over positions)."""
+    """The learned part of routing: beta_u and beta_a per parent type (shared over positions).
+
+    ``cost_scale`` 0 keeps the paper's cost, (beta_u + log sigma_h) sum_i R_ij. A positive value
+    multiplies sum_i R_ij by cost_scale * J / I (J parents, I children of one routing group), so
+    that each layer's cost has the same size whatever its fan-in (Gritzman 2019; see
+    docs/deviations.md). ``beta_a_init`` is the starting beta_a."""
 
     def __init__(self, parent_types: int, iterations: int, lam: float, rate: float,
-                 var_floor: float):
+                 var_floor: float, cost_scale: float = 0.0, beta_a_init: float = 0.0):
         super().__init__()
         self.beta_u = nn.Parameter(torch.zeros(parent_types))
-        self.beta_a = nn.Parameter(torch.zeros(parent_types))
+        self.beta_a = nn.Parameter(torch.full((parent_types,), float(beta_a_init)))
         self.lambdas = inverse_temperatures(iterations, lam, rate)
         self.var_floor = var_floor
+        self.cost_scale = cost_scale
 
     def forward(self, a_NI, V_NJIH, norm=None, keep_routing: bool = False):
+        J, I = V_NJIH.shape[1], V_NJIH.shape[2]
+        mass_scale = self.cost_scale * J / I if self.cost_scale > 0 else 1.0
         return em_routing(a_NI.float(), V_NJIH.float(), self.beta_u.float(), self.beta_a.float(),
-                          self.lambdas, self.var_floor, norm, keep_routing)
+                          self.lambdas, self.var_floor, norm, keep_routing, mass_scale)
