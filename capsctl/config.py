@@ -71,11 +71,6 @@ class ModelConfig:
                              "(keeps log sigma finite, e.g. for a parent with one child)", gt=0)
     em_init_std: float = _f(0.5, "em-capsnet: std of the normal noise added to the identity to "
                             "initialise the 4x4 transformation matrices", min=0.0)
-    em_cost_scale: float = _f(0.0, "em-capsnet: 0 = the paper's M-step cost (beta_u + log sigma)"
-                              " sum_i R_ij; > 0 scales sum_i R_ij by em_cost_scale * parents / "
-                              "children so every layer's cost has one size (docs/em-routing.md)",
-                              min=0.0)
-    em_beta_a_init: float = _f(0.0, "em-capsnet: starting value of every beta_a")
     em_coordinate_addition: bool = _f(True, "em-capsnet: add the scaled receptive-field centre "
                                       "(row, column) to the class capsules' votes")
 

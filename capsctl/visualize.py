@@ -344,11 +344,13 @@ def routing_maps(model, x_BCHW: torch.Tensor) -> dict:
 
 def routes_figure(x_CHW: torch.Tensor, grid_RJHW: torch.Tensor, agree_JHW: torch.Tensor | None,
                   scores_J: torch.Tensor, label: int | None, title: list[str],
-                  scale: int = 3, score_name: str = "|v|") -> torch.Tensor:
+                  scale: int = 3, score_name: str = "|v|",
+                  rows_named: tuple[str, str] = ("coupling, pass", "c_ij")) -> torch.Tensor:
     """The input on the left; one heat map per (routing pass, class) of the mean coupling on the
     primary grid, drawn as its departure from the uniform start 1/J (black: 1/J, orange: more,
     blue: less; one scale for all passes), then a row of the agreement per class (orange agrees,
-    blue disagrees); the predicted class's column marked."""
+    blue disagrees); the predicted class's column marked. ``rows_named``: what a row of maps is
+    ("coupling, pass" and "c_ij"; EM: "assignment R, iteration" and "R_ij")."""
     R, J = grid_RJHW.shape[:2]
     s = x_CHW.shape[-1] * scale
     hs = heat_tile(grid_RJHW[0, :1].expand(3, -1, -1), s).width
@@ -379,7 +381,7 @@ def routes_figure(x_CHW: torch.Tensor, grid_RJHW: torch.Tensor, agree_JHW: torch
     for r in range(rows):
         y0 = head + 1 + r * (hs + 1)
         if r < R:
-            name, sub = f"coupling, pass {r + 1}", "c_ij - 1/J, mean of types"
+            name, sub = f"{rows_named[0]} {r + 1}", f"{rows_named[1]} - 1/J, mean of types"
         else:
             name, sub = "agreement", "u_hat . v, sum of types"
         _text(draw, (gx - 8, y0 + hs // 2 - 8), name, 12, TEXT, "rm")
@@ -390,7 +392,8 @@ def routes_figure(x_CHW: torch.Tensor, grid_RJHW: torch.Tensor, agree_JHW: torch
             page.paste(heat_tile(rgb, s), (gx + 1 + j * (hs + 1), y0))
     px = gx + 1 + pred * (hs + 1)
     _frame(draw, (px - 1, head - 1, px + hs + 1, head + rows * (hs + 1) + 2), MARK)
-    bars = [("coupling", uniform - c_limit, uniform + c_limit, f"(black = 1/{J})")]
+    bars = [(rows_named[0].split(",")[0], uniform - c_limit, uniform + c_limit,
+             f"(black = 1/{J})")]
     if a_limit is not None:
         bars.append(("agreement", -a_limit, a_limit, "(black = 0)"))
     _legend(draw, page, gx, head + rows * (hs + 1) + 10, bars)
@@ -679,13 +682,17 @@ def run_routes(checkpoint, index=None, digit=None, dataset=None, split="test", o
     scores = maps["scores"][0].cpu()
     label, pred = int(batch["y"][0]), int(scores.argmax())
     R, J = grid.shape[:2]
+    em = cfg.model.name == "em-capsnet"
+    rows_named = ("assignment R, iteration", "R_ij") if em else ("coupling, pass", "c_ij")
+    what = ("EM iterations; each map: the assignment probability R to that class" if em else
+            "passes; each map: the coupling to that class")
     title = [f"capsctl routes - {_describe(checkpoint, state)} - {name} {split} #{index}",
              f"{T * H * W} children ({T} types on a {H}x{W} grid) route to {J} class capsules "
-             f"in {R} passes; each map: the coupling to that class at each grid position",
+             f"in {R} {what} at each grid position",
              f"(mean of the {T} types) minus the uniform start 1/{J}"
              + ("; agreement: what routing adds to b_ij" if agree is not None else "")]
     image = routes_figure(batch["x"][0].cpu(), grid, agree, scores, label, title, scale,
-                          maps["score_name"])
+                          maps["score_name"], rows_named)
     written = _write(image, out, "routes.png", checkpoint, tb, no_tb, "inspect/routes",
                      state.get("step") or 0)
     c = maps["coupling"][0].cpu()

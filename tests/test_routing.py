@@ -50,10 +50,9 @@ def _layer(iterations=3, bias=False, seed=0):
     return layer, u
 
 
-@pytest.mark.parametrize("iterations,bias", [(1, False), (2, True), (3, False), (3, True),
-                                             (4, False)])
-def test_fast_routing_equals_the_loop_reference(iterations, bias):
-    layer, u = _layer(iterations, bias)
+def _assert_layer_equals_reference(layer, u, iterations, bias):
+    """The layer's vectors, couplings of every pass and gradients (u, W, bias) against the
+    loop reference, to 1e-5 in fp32; the gradients must not be trivially zero."""
     v, couplings = layer(u, keep_routing=True)
     params = [u, layer.W_IJDP] + ([layer.bias_JD] if bias else [])
     g_fast = torch.autograd.grad((v * torch.linspace(-1, 1, D)).sum(), params)
@@ -70,6 +69,13 @@ def test_fast_routing_equals_the_loop_reference(iterations, bias):
     for g, gr in zip(g_fast, g_ref):
         assert gr.abs().max() > 1e-4  # the gradient is not trivially zero
         torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("iterations,bias", [(1, False), (2, True), (3, False), (3, True),
+                                             (4, False)])
+def test_fast_routing_equals_the_loop_reference(iterations, bias):
+    layer, u = _layer(iterations, bias)
+    _assert_layer_equals_reference(layer, u, iterations, bias)
 
 
 def test_predictions_keep_the_child_major_view():
@@ -164,17 +170,7 @@ def test_batch_chunked_layer_equals_the_loop_reference(monkeypatch, examples):
     couplings and gradients as the reference, u_hat recomputed in the backward."""
     _per_example_chunks(monkeypatch, examples)
     layer, u = _layer(3, bias=True)
-    v, couplings = layer(u, keep_routing=True)
-    params = [u, layer.W_IJDP, layer.bias_JD]
-    g_fast = torch.autograd.grad((v * torch.linspace(-1, 1, D)).sum(), params)
-    v_ref, c_ref = reference(u, layer.W_IJDP, 3, layer.bias_JD)
-    g_ref = torch.autograd.grad((v_ref * torch.linspace(-1, 1, D)).sum(), params)
-    torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
-    for r in range(3):
-        torch.testing.assert_close(couplings[r], c_ref[r], atol=1e-5, rtol=1e-5)
-    for g, gr in zip(g_fast, g_ref):
-        assert gr.abs().max() > 1e-4
-        torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
+    _assert_layer_equals_reference(layer, u, 3, bias=True)
 
 
 def test_batch_chunked_layer_passes_gradcheck_in_float64(monkeypatch):
@@ -206,3 +202,13 @@ def test_layer_memory_is_flat_in_batch_size_beyond_one_chunk(monkeypatch):
             v, _ = layer(u)
             v.sum().backward()
         assert mode.largest == chunk, batch
+
+
+def test_the_cuda_plan_whole_batch_and_kept_u_hat_equals_the_reference(monkeypatch):
+    """On CUDA the layer routes the whole batch as one chunk and keeps u_hat for the backward
+    (no recompute); that branch, run here on the CPU, gives the reference's values and
+    gradients."""
+    import capsctl.models.capsules as caps
+    monkeypatch.setattr(caps, "chunk_plan", lambda device, B_, *rest: (B_, True))
+    layer, u = _layer(3, bias=True)
+    _assert_layer_equals_reference(layer, u, 3, bias=True)

@@ -3,17 +3,19 @@
 Shape legend (suffixes on tensor names):
   B batch   I child (input) capsules   J parent (output) capsules
   P child capsule dimension   D parent capsule dimension   T capsule types   G grid side
-  K terms of a sum (routing backward)
+  N blocks B * J (one per example and parent)   b a chunk of examples   c a chunk of children
+  K the 2r - 1 terms of the routing backward (x_NKI, y_NKD); J * D in the prediction products
+    (W_IPK, u_hat_cBK, g_IbK)
 
 Fast path. The prediction vectors u_hat_j|i = W_ij u_i are made by one batched matrix product
 over the children and stored parent-major, (B, J, I, D): for every (example, parent) the I x D
 block of predictions is contiguous, so both routing contractions - s_j = sum_i c_ij u_hat_j|i and
 the agreement u_hat_j|i . v_j - are batched matrix-vector products that stream u_hat once each.
-The routing iterations run inside one autograd function (``RoutingByAgreement``) whose backward
-walks the iterations in reverse and writes the gradient of u_hat once (one batched product of K =
-2r - 1 outer-product terms) instead of autograd's one full-size temporary and one full-size
-addition per contraction. Memory: u_hat and its gradient, linear in the batch; nothing of size
-B x I x J x D x P is ever formed.
+A whole layer, predictions and routing iterations, is one autograd function
+(``PredictAndRoute``): on a CPU it works through the batch in cache-sized chunks of examples,
+keeps neither u_hat nor its gradient for the whole batch (the backward recomputes each chunk's
+u_hat and expands its gradient from 2r - 1 outer-product terms a chunk at a time), so its memory
+is flat in the batch size beyond one chunk. Nothing of size B x I x J x D x P is ever formed.
 """
 
 from __future__ import annotations
@@ -281,6 +283,15 @@ def batch_chunk(J: int, I: int, D: int, dtype: torch.dtype) -> int:
     return max(1, CHUNK_BYTES // per_example)
 
 
+def chunk_plan(device: torch.device, B: int, J: int, I: int, D: int,
+               dtype: torch.dtype) -> tuple[int, bool]:
+    """(examples per chunk, keep u_hat for the backward): CPU: cache-sized chunks, recompute;
+    elsewhere (CUDA): the whole batch at once, kept."""
+    if device.type == "cpu":
+        return batch_chunk(J, I, D, dtype), False
+    return B, True
+
+
 class PredictAndRoute(torch.autograd.Function):
     """A whole routed capsule layer: predictions u_hat = W u, then routing by agreement.
 
@@ -301,9 +312,7 @@ class PredictAndRoute(torch.autograd.Function):
     def forward(ctx, u_BIP, W_IJDP, bias_JD, iterations: int, dtype):
         I, J, D, _ = W_IJDP.shape
         B = u_BIP.shape[0]
-        on_cpu = u_BIP.device.type == "cpu"
-        step = batch_chunk(J, I, D, dtype) if on_cpu else B
-        keep = not on_cpu
+        step, keep = chunk_plan(u_BIP.device, B, J, I, D, dtype)
         vs, kept = [], []
         cs, ss = [[] for _ in range(iterations)], [[] for _ in range(iterations)]
         with torch.autocast(u_BIP.device.type, enabled=False):

@@ -102,7 +102,7 @@ class ConvCaps(nn.Module):
         self.k, self.stride, self.in_types, self.out_types = k, stride, in_types, out_types
         self.W_KTJ44 = _init_transforms((k * k, in_types, out_types), m.em_init_std)
         self.routing = EMRouting(out_types, m.em_iterations, m.em_lambda, m.em_lambda_rate,
-                                 m.em_var_floor, m.em_cost_scale, m.em_beta_a_init)
+                                 m.em_var_floor)
         self._index_cache: dict = {}
 
     def _child_index(self, rows: int, cols: int, device) -> torch.Tensor:
@@ -136,7 +136,7 @@ class ClassCaps(nn.Module):
         super().__init__()
         self.W_TJ44 = _init_transforms((in_types, classes), m.em_init_std)
         self.routing = EMRouting(classes, m.em_iterations, m.em_lambda, m.em_lambda_rate,
-                                 m.em_var_floor, m.em_cost_scale, m.em_beta_a_init)
+                                 m.em_var_floor)
         self.coord_add = m.em_coordinate_addition
         self.scale = 1.0 / m.input_size   # coordinates in input sizes of the configured model
         self._offset_cache: dict = {}

@@ -11,6 +11,7 @@ Shape legend (suffixes of tensor names):
   P  parent positions (H'*W')        K  kernel offsets (k*k) in a convolutional patch
   T  child types                     C  child positions (H*W) of a convolutional layer
   X, Y  grid rows, columns           4, 4  a pose matrix
+  G  2H: a vote and its square side by side (``vote_moments``)
 
 Routing in one group: children i with activations a_i and votes V_ij (16 components), parents j.
   R_ij = uniform over the parents a child sends votes to
@@ -42,31 +43,48 @@ def inverse_temperatures(iterations: int, lam: float, rate: float) -> list[float
     return [lam * (1.0 - rate ** (t + 1)) for t in range(iterations)]
 
 
+def vote_moments(V_NJIH: torch.Tensor) -> torch.Tensor:
+    """(N, J, I, 2H): the votes and their squares side by side. Every E and M step is then one
+    batched matrix product over this tensor: no (V - mu)^2 of the votes' size is formed per
+    iteration (see ``m_step``)."""
+    return torch.cat([V_NJIH, V_NJIH.square()], dim=-1)
+
+
 def m_step(a_NI: torch.Tensor, R_NJI: torch.Tensor, V_NJIH: torch.Tensor,
            beta_u_J: torch.Tensor, beta_a_J: torch.Tensor, lam: float, var_floor: float,
-           mass_scale: float = 1.0, eps: float = 1e-8):
-    """One M-step. Returns (mu_NJH, sigma2_NJH, a_NJ, diff2_NJIH) where diff2 = (V - mu)^2 is
-    handed to the E-step that follows (same mu). The votes are laid out parent-major (N, J, I, H)
-    so that every sum over children is a batched matrix product without copies.
-    ``mass_scale`` multiplies sum_i R_ij in the cost only (1 = the paper; see EMRouting)."""
+           eps: float = 1e-8, VV_NJIG: torch.Tensor | None = None):
+    """One M-step. Returns (mu_NJH, sigma2_NJH, a_NJ).
+
+    The R-weighted mean and variance come from one product of the weights with the votes'
+    moments ``VV`` = [V, V^2] (``vote_moments``; made here when not given): mu = E[V],
+    sigma2 = E[V^2] - mu^2 (rounding can only make it slightly negative: clamped at 0 before
+    the floor is added)."""
+    H = V_NJIH.shape[-1]
+    VV_NJIG = vote_moments(V_NJIH) if VV_NJIG is None else VV_NJIG
     Ra_NJI = R_NJI * a_NI.unsqueeze(1)
     mass_NJ = Ra_NJI.sum(dim=-1)                                  # sum_i R_ij (scaled)
     w_NJ1I = (Ra_NJI / (mass_NJ.unsqueeze(-1) + eps)).unsqueeze(2)  # eps: a parent without votes
-    mu_NJ1H = torch.matmul(w_NJ1I, V_NJIH)
-    diff2_NJIH = (V_NJIH - mu_NJ1H).square()
-    sigma2_NJH = torch.matmul(w_NJ1I, diff2_NJIH).squeeze(2) + var_floor
-    cost_NJH = (beta_u_J.unsqueeze(-1) + 0.5 * torch.log(sigma2_NJH)) \
-        * (mass_scale * mass_NJ).unsqueeze(-1)
+    m_NJG = torch.matmul(w_NJ1I, VV_NJIG).squeeze(2)
+    mu_NJH, ex2_NJH = m_NJG[..., :H], m_NJG[..., H:]
+    sigma2_NJH = (ex2_NJH - mu_NJH.square()).clamp_min(0.0) + var_floor
+    cost_NJH = (beta_u_J.unsqueeze(-1) + 0.5 * torch.log(sigma2_NJH)) * mass_NJ.unsqueeze(-1)
     a_NJ = torch.sigmoid(lam * (beta_a_J - cost_NJH.sum(dim=-1)))
-    return mu_NJ1H.squeeze(2), sigma2_NJH, a_NJ, diff2_NJIH
+    return mu_NJH, sigma2_NJH, a_NJ
 
 
-def e_step_logits(a_NJ: torch.Tensor, sigma2_NJH: torch.Tensor,
-                  diff2_NJIH: torch.Tensor) -> torch.Tensor:
-    """log(a_j p_j(V_ij)) (N, J, I), the unnormalised log assignment, in the log domain."""
-    quad_NJI = torch.matmul(diff2_NJIH, sigma2_NJH.reciprocal().unsqueeze(-1)).squeeze(-1)
-    log_norm_NJ = torch.log(sigma2_NJH).sum(-1) + diff2_NJIH.shape[-1] * LOG_2PI
-    log_p_NJI = -0.5 * (quad_NJI + log_norm_NJ.unsqueeze(-1))
+def e_step_logits(a_NJ: torch.Tensor, mu_NJH: torch.Tensor, sigma2_NJH: torch.Tensor,
+                  V_NJIH: torch.Tensor, VV_NJIG: torch.Tensor | None = None) -> torch.Tensor:
+    """log(a_j p_j(V_ij)) (N, J, I), the unnormalised log assignment, in the log domain.
+
+    sum_h (V - mu)^2 / sigma2 = [V, V^2] . [-2 mu / sigma2, 1 / sigma2] + sum_h mu^2 / sigma2:
+    one product with the votes' moments (clamped at 0 against rounding)."""
+    VV_NJIG = vote_moments(V_NJIH) if VV_NJIG is None else VV_NJIG
+    inv_NJH = sigma2_NJH.reciprocal()
+    coef_NJG1 = torch.cat([-2.0 * mu_NJH * inv_NJH, inv_NJH], dim=-1).unsqueeze(-1)
+    quad_NJI = torch.matmul(VV_NJIG, coef_NJG1).squeeze(-1) \
+        + (mu_NJH.square() * inv_NJH).sum(-1, keepdim=True)
+    log_norm_NJ = torch.log(sigma2_NJH).sum(-1) + mu_NJH.shape[-1] * LOG_2PI
+    log_p_NJI = -0.5 * (quad_NJI.clamp_min(0.0) + log_norm_NJ.unsqueeze(-1))
     return torch.log(a_NJ.clamp_min(1e-30)).unsqueeze(-1) + log_p_NJI
 
 
@@ -120,7 +138,7 @@ class PatchSoftmax:
 
 def em_routing(a_NI: torch.Tensor, V_NJIH: torch.Tensor, beta_u_J: torch.Tensor,
                beta_a_J: torch.Tensor, lambdas: list[float], var_floor: float,
-               norm=None, keep_routing: bool = False, mass_scale: float = 1.0):
+               norm=None, keep_routing: bool = False):
     """Route children (activations ``a_NI``, votes ``V_NJIH``, parent-major) to parents.
 
     Returns (mu_NJH, a_NJ, routing) where routing is the list, per iteration, of the R_NIJ the
@@ -129,37 +147,30 @@ def em_routing(a_NI: torch.Tensor, V_NJIH: torch.Tensor, beta_u_J: torch.Tensor,
     """
     norm = norm or ParentSoftmax()
     R_NJI = norm.uniform(V_NJIH[..., 0])
+    VV_NJIG = vote_moments(V_NJIH)
     routing = []
     iterations = len(lambdas)
     for t, lam in enumerate(lambdas):
-        mu_NJH, sigma2_NJH, a_NJ, diff2_NJIH = m_step(a_NI, R_NJI, V_NJIH, beta_u_J, beta_a_J,
-                                                      lam, var_floor, mass_scale)
+        mu_NJH, sigma2_NJH, a_NJ = m_step(a_NI, R_NJI, V_NJIH, beta_u_J, beta_a_J, lam,
+                                          var_floor, VV_NJIG=VV_NJIG)
         if t < iterations - 1 or keep_routing:
-            R_NJI = norm.normalise(e_step_logits(a_NJ, sigma2_NJH, diff2_NJIH))
+            R_NJI = norm.normalise(e_step_logits(a_NJ, mu_NJH, sigma2_NJH, V_NJIH, VV_NJIG))
             if keep_routing:
                 routing.append(R_NJI.detach().transpose(1, 2))
     return mu_NJH, a_NJ, routing
 
 
 class EMRouting(nn.Module):
-    """The learned part of routing: beta_u and beta_a per parent type (shared over positions).
-
-    ``cost_scale`` 0 keeps the paper's cost, (beta_u + log sigma_h) sum_i R_ij. A positive value
-    multiplies sum_i R_ij by cost_scale * J / I (J parents, I children of one routing group), so
-    that each layer's cost has the same size whatever its fan-in (Gritzman 2019; see
-    docs/deviations.md). ``beta_a_init`` is the starting beta_a."""
+    """The learned part of routing: beta_u and beta_a per parent type (shared over positions)."""
 
     def __init__(self, parent_types: int, iterations: int, lam: float, rate: float,
-                 var_floor: float, cost_scale: float = 0.0, beta_a_init: float = 0.0):
+                 var_floor: float):
         super().__init__()
         self.beta_u = nn.Parameter(torch.zeros(parent_types))
-        self.beta_a = nn.Parameter(torch.full((parent_types,), float(beta_a_init)))
+        self.beta_a = nn.Parameter(torch.zeros(parent_types))
         self.lambdas = inverse_temperatures(iterations, lam, rate)
         self.var_floor = var_floor
-        self.cost_scale = cost_scale
 
     def forward(self, a_NI, V_NJIH, norm=None, keep_routing: bool = False):
-        J, I = V_NJIH.shape[1], V_NJIH.shape[2]
-        mass_scale = self.cost_scale * J / I if self.cost_scale > 0 else 1.0
         return em_routing(a_NI.float(), V_NJIH.float(), self.beta_u.float(), self.beta_a.float(),
-                          self.lambdas, self.var_floor, norm, keep_routing, mass_scale)
+                          self.lambdas, self.var_floor, norm, keep_routing)
