@@ -85,6 +85,13 @@ def test_predictions_keep_the_child_major_view():
     for b, i, j in [(0, 0, 0), (2, 6, 3), (1, 3, 2)]:
         torch.testing.assert_close(u_hat[b, i, j], layer.W_IJDP[i, j] @ u[b, i])
     torch.testing.assert_close(layer.predictions_BJID(u), u_hat.transpose(1, 2))
+    # differentiable: gradients of u and W as the einsum's
+    ref = torch.einsum("bip,ijdp->bijd", u, layer.W_IJDP)
+    w = torch.linspace(-1, 1, u_hat.numel()).view_as(u_hat)
+    for g, gr in zip(torch.autograd.grad((u_hat * w).sum(), (u, layer.W_IJDP)),
+                     torch.autograd.grad((ref * w).sum(), (u, layer.W_IJDP))):
+        assert gr.abs().max() > 1e-4
+        torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
 
 
 def test_public_route_on_child_major_input_matches_the_layer():

@@ -147,6 +147,14 @@ def _route_backward(u_hat_BJID: torch.Tensor, cs, ss, g_v_BJD: torch.Tensor, wit
     return x_NKI, y_NKD, g_bias_JD
 
 
+def _save_routing(ctx, saved, iterations: int, bias_JD, cs) -> None:
+    """What both routing functions keep for their backward; the couplings are outputs only."""
+    ctx.save_for_backward(*saved)
+    ctx.iterations = iterations
+    ctx.bias_dtype = bias_JD.dtype if bias_JD is not None else None
+    ctx.mark_non_differentiable(*cs)
+
+
 class RoutingByAgreement(torch.autograd.Function):
     """Procedure 1 of Sabour et al. (2017) on parent-major predictions u_hat (B, J, I, D).
 
@@ -160,10 +168,7 @@ class RoutingByAgreement(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u_hat_BJID, bias_JD, iterations: int):
         v_BJD, cs, ss = _route_forward(u_hat_BJID, bias_JD, iterations)
-        ctx.save_for_backward(u_hat_BJID, *cs, *ss)
-        ctx.iterations = iterations
-        ctx.bias_dtype = bias_JD.dtype if bias_JD is not None else None
-        ctx.mark_non_differentiable(*cs)
+        _save_routing(ctx, (u_hat_BJID, *cs, *ss), iterations, bias_JD, cs)
         return (v_BJD, *cs)
 
     @staticmethod
@@ -217,7 +222,9 @@ def _prepare(u_BIP: torch.Tensor, W_IJDP: torch.Tensor, dtype: torch.dtype):
 def _predict(u_IBP: torch.Tensor, W_IPK: torch.Tensor, J: int, chunk: int | None = CHUNK):
     """u_hat (B, J, I, D): one batched product (B x P) @ (P x J*D) per child gives the
     child-major layout, which is moved into the parent-major tensor ``chunk`` children at a
-    time (None: all at once), so the only temporary is one chunk."""
+    time (None: all at once), so the only temporary is one chunk. Plain autograd ops:
+    differentiable as they stand (``RoutedCapsules.predictions``); ``PredictAndRoute`` calls
+    it without autograd and writes its own backward."""
     I, B, _ = u_IBP.shape
     D = W_IPK.shape[2] // J
     chunk = chunk or I
@@ -227,51 +234,6 @@ def _predict(u_IBP: torch.Tensor, W_IPK: torch.Tensor, J: int, chunk: int | None
         u_hat_cBK = torch.bmm(u_IBP[i0:i1], W_IPK[i0:i1])
         u_hat_BJID[:, :, i0:i1].copy_(u_hat_cBK.view(i1 - i0, B, J, D).permute(1, 2, 0, 3))
     return u_hat_BJID
-
-
-def _predict_backward(g_chunk, u_IBP, W_IPK, J: int, dtypes, needs=(True, True)):
-    """Gradients of u (B, I, P) and W (I, J, D, P) from the gradient of u_hat, which
-    ``g_chunk(i0, i1)`` hands over a chunk of children at a time as (i1 - i0, B, J*D)."""
-    I, B, P = u_IBP.shape
-    D = W_IPK.shape[2] // J
-    g_u_IBP = torch.empty_like(u_IBP) if needs[0] else None
-    g_W_IPK = torch.empty_like(W_IPK) if needs[1] else None
-    for i0 in range(0, I, CHUNK):
-        i1 = min(i0 + CHUNK, I)
-        g_cBK = g_chunk(i0, i1)
-        if g_u_IBP is not None:
-            torch.bmm(g_cBK, W_IPK[i0:i1].transpose(1, 2), out=g_u_IBP[i0:i1])
-        if g_W_IPK is not None:
-            torch.bmm(u_IBP[i0:i1].transpose(1, 2), g_cBK, out=g_W_IPK[i0:i1])
-    g_u = g_u_IBP.transpose(0, 1).to(dtypes[0]) if g_u_IBP is not None else None
-    g_W = (g_W_IPK.view(I, P, J, D).permute(0, 2, 3, 1).to(dtypes[1]).contiguous()
-           if g_W_IPK is not None else None)
-    return g_u, g_W
-
-
-class Predictions(torch.autograd.Function):
-    """apply(u_BIP, W_IJDP, dtype) -> u_hat_j|i = W_ij u_i as (B, J, I, D) in ``dtype``."""
-
-    @staticmethod
-    def forward(ctx, u_BIP, W_IJDP, dtype):
-        u_IBP, W_IPK = _prepare(u_BIP, W_IJDP, dtype)
-        ctx.save_for_backward(u_IBP, W_IPK)
-        ctx.dtypes = (u_BIP.dtype, W_IJDP.dtype)
-        return _predict(u_IBP, W_IPK, W_IJDP.shape[1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_BJID):
-        u_IBP, W_IPK = ctx.saved_tensors
-        B, J, I, D = g_BJID.shape
-        g_BJID = g_BJID.to(u_IBP.dtype)
-
-        def chunk(i0, i1):
-            return g_BJID[:, :, i0:i1].permute(2, 0, 1, 3).reshape(i1 - i0, B, J * D)
-
-        g_u, g_W = _predict_backward(chunk, u_IBP, W_IPK, J, ctx.dtypes,
-                                     ctx.needs_input_grad[:2])
-        return g_u, g_W, None
 
 
 CHUNK_BYTES = 8 << 20  # u_hat of one batch chunk in PredictAndRoute: fits a CPU's L3 cache
@@ -304,8 +266,9 @@ class PredictAndRoute(torch.autograd.Function):
     exists for more than one chunk: the forward does not keep u_hat, the backward recomputes
     each chunk's (one cheap product, P = 8 multiply-adds per element; measured: no slower than
     keeping it) before walking the passes back. The layer's memory is then flat in the batch
-    size beyond one chunk. On CUDA the whole batch is one chunk and u_hat is kept. The same values as ``route_BJID(Predictions.apply(...))`` up to the
-    order of the sums over the batch in W's gradient.
+    size beyond one chunk. On CUDA the whole batch is one chunk and u_hat is kept. The same
+    values as ``route_BJID(layer.predictions_BJID(u))`` up to the order of the sums over the
+    batch in W's gradient.
     """
 
     @staticmethod
@@ -329,11 +292,8 @@ class PredictAndRoute(torch.autograd.Function):
                     ss[r].append(ss_b[r])
         cat = (lambda ts: ts[0]) if len(vs) == 1 else (lambda ts: torch.cat(ts))
         v_BJD, cs, ss = cat(vs), [cat(c) for c in cs], [cat(x) for x in ss]
-        ctx.save_for_backward(u_IBP, W_IPK, *cs, *ss, *kept)
-        ctx.iterations, ctx.step, ctx.J = iterations, step, J
-        ctx.dtypes = (u_BIP.dtype, W_IJDP.dtype)
-        ctx.bias_dtype = bias_JD.dtype if bias_JD is not None else None
-        ctx.mark_non_differentiable(*cs)
+        _save_routing(ctx, (u_IBP, W_IPK, *cs, *ss, *kept), iterations, bias_JD, cs)
+        ctx.step, ctx.J, ctx.dtypes = step, J, (u_BIP.dtype, W_IJDP.dtype)
         return (v_BJD, *cs)
 
     @staticmethod
@@ -384,8 +344,10 @@ class RoutedCapsules(nn.Module):
         self.bias_JD = nn.Parameter(torch.zeros(out_caps, out_dim)) if bias else None
 
     def predictions_BJID(self, u_BIP: torch.Tensor) -> torch.Tensor:
-        """u_hat (B, J, I, D), contiguous (see ``Predictions``)."""
-        return Predictions.apply(u_BIP, self.W_IJDP, self._dtype(u_BIP))
+        """u_hat (B, J, I, D), contiguous, differentiable (the layer's forward does not form it
+        for the whole batch; this is for inspection and the public ``route``)."""
+        J = self.W_IJDP.shape[1]
+        return _predict(*_prepare(u_BIP, self.W_IJDP, self._dtype(u_BIP)), J)
 
     @staticmethod
     def _dtype(u_BIP: torch.Tensor) -> torch.dtype:
