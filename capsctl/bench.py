@@ -26,6 +26,8 @@ from capsctl.config import Config
 from capsctl.device import autocast, compile_model, describe, use_channels_last
 from capsctl.errors import CapsctlError
 from capsctl.models import build_model, count_parameters, loss_fn as make_loss_fn
+from capsctl.models import routing_kernel
+from capsctl.models.capsules import RoutedCapsules
 from capsctl.evaluate import model_labels
 from capsctl.train import build_optimizer
 
@@ -170,6 +172,14 @@ def conv_bound_modules(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 # --- the benchmark ------------------------------------------------------------------------------
 
+def capsule_layer(model: nn.Module, device: torch.device) -> str:
+    """Which implementation runs the model's routed capsule layer here: 'C kernel' or
+    'torch (why)' on a CPU, 'torch' elsewhere and for models without one (EM routing)."""
+    if device.type != "cpu" or not any(isinstance(m, RoutedCapsules) for m in model.modules()):
+        return "torch"
+    return routing_kernel.status()
+
+
 def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
         large_batch: int | None = None, steps: int = 10, warmup: int = 3,
         warn: Callable[[str], None] = lambda msg: None) -> dict:
@@ -193,6 +203,7 @@ def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "model": cfg.model.name, "parameters": count_parameters(model),
         "channels_last": channels_last, "compile": t.compile, "compile_active": False,
+        "capsule_layer": capsule_layer(model, device),
         "batch_size": batch_size, "large_batch": large_batch, "steps": steps, "warmup": warmup,
         "mem_kind": memory.kind,
         "mem_start": (int(torch.cuda.memory_allocated(device)) if device.type == "cuda"
@@ -270,7 +281,7 @@ def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
 
 
 KEYS = ("device", "device_type", "dtype", "torch", "threads", "model", "parameters",
-        "channels_last", "compile", "compile_active", "batch_size", "large_batch", "steps",
+        "channels_last", "compile", "compile_active", "capsule_layer", "batch_size", "large_batch", "steps",
         "warmup", "mem_kind", "mem_start", "train", "infer", "infer_large", "conv_bound",
         "train_vs_bound", "train_vs_bound_cpu")
 PHASE_KEYS = tuple(Phase.__dataclass_fields__)

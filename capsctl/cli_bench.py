@@ -68,7 +68,8 @@ def bench(
               + f"\n{r['dtype']}, torch {r['torch']}, {r['threads']} threads, compile "
               + ("on" if r["compile_active"] else ("requested, fell back" if r["compile"]
                                                    else "off"))
-              + f", channels_last {'on' if r['channels_last'] else 'off'}; median of "
+              + f", channels_last {'on' if r['channels_last'] else 'off'}"
+              + f", capsule layer: {r['capsule_layer']}; median of "
               f"{r['steps']} steps after {r['warmup']} warm-up"
               + (f"; load average {r['load_average']}" if "load_average" in r else "")
               + (f"\n{'allocated' if r['device_type'] == 'cuda' else 'resident'} before the "

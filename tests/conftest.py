@@ -93,3 +93,8 @@ def write_fake_mnist(root: Path, n_train: int = 256, n_test: int = 64, seed: int
 @pytest.fixture
 def fake_mnist(tmp_path) -> Path:
     return write_fake_mnist(tmp_path / "mnist")
+
+
+# The compiled CPU kernel goes into a folder of this test session, never the user's cache.
+os.environ.setdefault("CAPSCTL_CACHE", str(Path(__import__("tempfile").mkdtemp(
+    prefix="capsctl-test-cache-"))))

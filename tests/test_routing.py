@@ -1,5 +1,8 @@
-"""The fast routing (parent-major u_hat, one autograd function) against a plain reference with
-explicit loops over the capsules i and j: values, couplings and gradients."""
+"""The routed capsule layer against a plain reference with explicit loops over the capsules i
+and j: values, couplings and gradients - on both of its CPU paths, the compiled kernel
+(``layer_path`` "kernel") and the torch path (parent-major u_hat in one autograd function; what
+CUDA runs, and the CPU's fallback). Tests of the torch path's own machinery (chunks, bf16
+products, memory) take the ``torch_path`` fixture."""
 
 from __future__ import annotations
 
@@ -7,10 +10,31 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from capsctl.models import routing_kernel
 from capsctl.models.capsules import (RoutedCapsules, RoutingByAgreement, route, route_BJID,
                                      squash)
 
 B, I, J, P, D = 3, 7, 4, 5, 6
+
+
+def use_path(name: str, monkeypatch) -> None:
+    """Route the CPU capsule layer through the kernel (which must have built) or torch."""
+    if name == "torch":
+        monkeypatch.setattr(routing_kernel, "enabled", lambda: False)
+    else:
+        assert routing_kernel.load() is not None, (
+            f"the CPU capsule-layer kernel did not build: {routing_kernel.status()}")
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def layer_path(request, monkeypatch):
+    use_path(request.param, monkeypatch)
+    return request.param
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    use_path("torch", monkeypatch)
 
 
 def reference(u_BIP, W_IJDP, iterations, bias_JD=None):
@@ -73,7 +97,7 @@ def _assert_layer_equals_reference(layer, u, iterations, bias):
 
 @pytest.mark.parametrize("iterations,bias", [(1, False), (2, True), (3, False), (3, True),
                                              (4, False)])
-def test_fast_routing_equals_the_loop_reference(iterations, bias):
+def test_fast_routing_equals_the_loop_reference(layer_path, iterations, bias):
     layer, u = _layer(iterations, bias)
     _assert_layer_equals_reference(layer, u, iterations, bias)
 
@@ -94,7 +118,7 @@ def test_predictions_keep_the_child_major_view():
         torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
 
 
-def test_public_route_on_child_major_input_matches_the_layer():
+def test_public_route_on_child_major_input_matches_the_layer(layer_path):
     layer, u = _layer(bias=True)
     v_layer, c_layer = layer(u, keep_routing=True)
     v, cs = route(layer.predictions(u), 3, layer.bias_JD, keep=True)
@@ -113,9 +137,9 @@ def test_routing_gradient_passes_gradcheck_in_float64():
                                     (u_hat, bias))
 
 
-def test_bf16_autocast_is_close_to_fp32():
-    """bf16 products (8-bit mantissa) against fp32: capsule vectors within 0.03 absolute
-    (lengths are below 1), gradients within 5% of the largest fp32 gradient entry."""
+def test_bf16_autocast_is_close_to_fp32(torch_path):
+    """Torch path: bf16 products (8-bit mantissa) against fp32: capsule vectors within 0.03
+    absolute (lengths are below 1), gradients within 5% of the largest fp32 gradient entry."""
     torch.manual_seed(2)
     layer = RoutedCapsules(64, 10, 8, 16, 3, init_std=0.1)
     u = squash(torch.randn(8, 64, 8)).detach().requires_grad_(True)
@@ -149,8 +173,9 @@ class _LargestTensor(TorchDispatchMode):
         return result
 
 
-def test_no_tensor_of_size_B_I_J_D_P_and_memory_linear_in_batch():
-    """Forward + backward never form a B x I x J x D x P tensor: the largest one is u_hat."""
+def test_no_tensor_of_size_B_I_J_D_P_and_memory_linear_in_batch(torch_path):
+    """Torch path: forward + backward never form a B x I x J x D x P tensor: the largest one is
+    u_hat."""
     largest = {}
     for batch in (4, 8):
         torch.manual_seed(0)
@@ -172,7 +197,7 @@ def _per_example_chunks(monkeypatch, examples: int, I_=I, J_=J, D_=D):
 
 
 @pytest.mark.parametrize("examples", [1, 2])
-def test_batch_chunked_layer_equals_the_loop_reference(monkeypatch, examples):
+def test_batch_chunked_layer_equals_the_loop_reference(torch_path, monkeypatch, examples):
     """Chunks of 1 or 2 examples over a batch of 3 (the last chunk shorter): the same values,
     couplings and gradients as the reference, u_hat recomputed in the backward."""
     _per_example_chunks(monkeypatch, examples)
@@ -193,7 +218,7 @@ def test_batch_chunked_layer_passes_gradcheck_in_float64(monkeypatch):
         (u, W, bias))
 
 
-def test_layer_memory_is_flat_in_batch_size_beyond_one_chunk(monkeypatch):
+def test_layer_memory_is_flat_in_batch_size_beyond_one_chunk(torch_path, monkeypatch):
     """With chunks of 4 examples, forward + backward at batch 8 and 16 have the same largest
     tensor: one chunk's u_hat (4 x J x I x D) - neither u_hat nor its gradient is ever formed
     for the whole batch."""
@@ -211,7 +236,8 @@ def test_layer_memory_is_flat_in_batch_size_beyond_one_chunk(monkeypatch):
         assert mode.largest == chunk, batch
 
 
-def test_the_cuda_plan_whole_batch_and_kept_u_hat_equals_the_reference(monkeypatch):
+def test_the_cuda_plan_whole_batch_and_kept_u_hat_equals_the_reference(torch_path,
+                                                                       monkeypatch):
     """On CUDA the layer routes the whole batch as one chunk and keeps u_hat for the backward
     (no recompute); that branch, run here on the CPU, gives the reference's values and
     gradients."""

@@ -21,7 +21,10 @@ is flat in the batch size beyond one chunk. Nothing of size B x I x J x D x P is
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from capsctl.models import routing_kernel
 
 SQUASH_EPS = 1e-8
 
@@ -254,15 +257,39 @@ def chunk_plan(device: torch.device, B: int, J: int, I: int, D: int,
     return B, True
 
 
+def _kernel_applies(u_BIP: torch.Tensor, W_IJDP: torch.Tensor, bias_JD, iterations: int) -> bool:
+    """The compiled CPU kernel takes fp32 CPU tensors (any autocast: it computes in fp32)."""
+    return (u_BIP.dtype == W_IJDP.dtype == torch.float32
+            and (bias_JD is None or bias_JD.dtype == torch.float32)
+            and 1 <= iterations <= routing_kernel.MAX_R and routing_kernel.usable(u_BIP))
+
+
+def _kernel_layouts(u_BIP: torch.Tensor, W_IJDP: torch.Tensor):
+    """u^T and W in the kernel's tiled layouts, children cut into V tiles of VL (padded with
+    children whose u and W are zero: they predict zero and change nothing): u (B, V, P, VL) and
+    W (V, J*D, P, VL)."""
+    I, J, D, P = W_IJDP.shape
+    B, VL = u_BIP.shape[0], routing_kernel.VL
+    pad = -I % VL
+    V = (I + pad) // VL
+    u_BVPL = F.pad(u_BIP.detach(), (0, 0, 0, pad)).view(B, V, VL, P).transpose(2, 3)
+    W_VKPL = F.pad(W_IJDP.detach(), (0, 0, 0, 0, 0, 0, 0, pad)).view(V, VL, J * D, P)
+    return u_BVPL.contiguous(), W_VKPL.permute(0, 2, 3, 1).contiguous()
+
+
 class PredictAndRoute(torch.autograd.Function):
     """A whole routed capsule layer: predictions u_hat = W u, then routing by agreement.
 
     apply(u_BIP, W_IJDP, bias_JD or None, iterations, dtype) -> (v_BJD, c_BJI of every pass).
-    Products over u_hat run in ``dtype`` (autocast's); logits, softmax and squash in fp32.
 
-    On a CPU, routing being per example, the layer runs a chunk of examples at a time
-    (``batch_chunk``: u_hat of a chunk is about 8 MB), so every pass over u_hat reads a chunk
-    that sits in the cache instead of main memory, and neither u_hat nor its gradient ever
+    On a CPU with fp32 u and W, the compiled kernel (``routing_kernel``) does the whole layer,
+    forward and backward, in fp32 - under bf16 autocast too (the layer is memory-bound there;
+    bf16 would not make it faster). Elsewhere (CUDA, fp64, no compiler) the torch path below:
+    products over u_hat in ``dtype`` (autocast's); logits, softmax and squash in fp32.
+
+    Torch path. On a CPU, routing being per example, the layer runs a chunk of examples at a
+    time (``batch_chunk``: u_hat of a chunk is about 8 MB), so every pass over u_hat reads a
+    chunk that sits in the cache instead of main memory, and neither u_hat nor its gradient ever
     exists for more than one chunk: the forward does not keep u_hat, the backward recomputes
     each chunk's (one cheap product, P = 8 multiply-adds per element; measured: no slower than
     keeping it) before walking the passes back. The layer's memory is then flat in the batch
@@ -274,6 +301,15 @@ class PredictAndRoute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u_BIP, W_IJDP, bias_JD, iterations: int, dtype):
         I, J, D, _ = W_IJDP.shape
+        ctx.kernel = _kernel_applies(u_BIP, W_IJDP, bias_JD, iterations)
+        ctx.I, ctx.J, ctx.dtypes = I, J, (u_BIP.dtype, W_IJDP.dtype)
+        if ctx.kernel:
+            u_BVPL, W_VKPL = _kernel_layouts(u_BIP, W_IJDP)
+            bias_K = None if bias_JD is None else bias_JD.detach().reshape(-1).contiguous()
+            v_BJD, c_RBJI, s_RBJD = routing_kernel.forward(u_BVPL, W_VKPL, J, iterations, bias_K)
+            cs = [c_RBJI[r, :, :, :I] for r in range(iterations)]
+            _save_routing(ctx, (u_BVPL, W_VKPL, c_RBJI, s_RBJD), iterations, bias_JD, cs)
+            return (v_BJD, *cs)
         B = u_BIP.shape[0]
         step, keep = chunk_plan(u_BIP.device, B, J, I, D, dtype)
         vs, kept = [], []
@@ -293,12 +329,14 @@ class PredictAndRoute(torch.autograd.Function):
         cat = (lambda ts: ts[0]) if len(vs) == 1 else (lambda ts: torch.cat(ts))
         v_BJD, cs, ss = cat(vs), [cat(c) for c in cs], [cat(x) for x in ss]
         _save_routing(ctx, (u_IBP, W_IPK, *cs, *ss, *kept), iterations, bias_JD, cs)
-        ctx.step, ctx.J, ctx.dtypes = step, J, (u_BIP.dtype, W_IJDP.dtype)
+        ctx.step = step
         return (v_BJD, *cs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_v_BJD, *_g_c):
+        if ctx.kernel:
+            return PredictAndRoute._kernel_backward(ctx, g_v_BJD)
         R, step, J = ctx.iterations, ctx.step, ctx.J
         u_IBP, W_IPK, *saved = ctx.saved_tensors
         cs, ss, kept = saved[:R], saved[R:2 * R], saved[2 * R:]
@@ -330,6 +368,22 @@ class PredictAndRoute(torch.autograd.Function):
         if g_bias_JD is not None:
             g_bias_JD = g_bias_JD.to(ctx.bias_dtype)
         return g_u, g_W, g_bias_JD, None, None
+
+    @staticmethod
+    def _kernel_backward(ctx, g_v_BJD):
+        u_BVPL, W_VKPL, c_RBJI, s_RBJD = ctx.saved_tensors
+        V, K, P, VL = W_VKPL.shape
+        I, J, B = ctx.I, ctx.J, u_BVPL.shape[0]
+        g_u, g_W, g_s = routing_kernel.backward(u_BVPL, W_VKPL, J, ctx.iterations, c_RBJI,
+                                                s_RBJD, g_v_BJD.float())
+        need_u, need_W = ctx.needs_input_grad[:2]
+        if need_u:  # (B, V, P, VL) -> (B, I, P)
+            g_u = g_u.transpose(2, 3).reshape(B, V * VL, P)[:, :I].contiguous()
+        if need_W:  # (V, K, P, VL) -> (I, J, D, P)
+            g_W = g_W.permute(0, 3, 1, 2).reshape(V * VL, J, K // J, P)[:I].contiguous()
+        g_bias = (g_s.sum((0, 1)).reshape(J, K // J).to(ctx.bias_dtype)
+                  if ctx.bias_dtype is not None else None)
+        return (g_u if need_u else None), (g_W if need_W else None), g_bias, None, None
 
 
 class RoutedCapsules(nn.Module):
