@@ -162,3 +162,14 @@ def test_the_compiled_kernel_is_cached_and_reused(tmp_path):
     assert sorted((tmp_path / "cache" / "kernels").iterdir()) == built
     assert built[0].stat().st_mtime_ns == stamp
     assert second.stdout == first.stdout
+
+
+def test_kernel_takes_a_non_contiguous_input(monkeypatch):
+    """u given as a transposed view: the same result as the contiguous tensor."""
+    use_path("kernel", monkeypatch)
+    torch.manual_seed(4)
+    layer = RoutedCapsules(24, 3, 4, 5, 3)
+    u = squash(torch.randn(6, 24, 4))
+    u_view = u.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not u_view.is_contiguous()
+    torch.testing.assert_close(layer(u_view)[0], layer(u)[0], atol=0, rtol=0)

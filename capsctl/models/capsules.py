@@ -5,17 +5,23 @@ Shape legend (suffixes on tensor names):
   P child capsule dimension   D parent capsule dimension   T capsule types   G grid side
   N blocks B * J (one per example and parent)   b a chunk of examples   c a chunk of children
   K the 2r - 1 terms of the routing backward (x_NKI, y_NKD); J * D in the prediction products
-    (W_IPK, u_hat_cBK, g_IbK)
+    (W_IPK, u_hat_cBK, g_IbK) and in the kernel's layouts
+  V tiles of L = routing_kernel.VL children (the kernel's layouts: u_BVPL, W_VKPL)
+  R routing passes (c_RBJI, s_RBJD)
 
-Fast path. The prediction vectors u_hat_j|i = W_ij u_i are made by one batched matrix product
-over the children and stored parent-major, (B, J, I, D): for every (example, parent) the I x D
-block of predictions is contiguous, so both routing contractions - s_j = sum_i c_ij u_hat_j|i and
-the agreement u_hat_j|i . v_j - are batched matrix-vector products that stream u_hat once each.
-A whole layer, predictions and routing iterations, is one autograd function
-(``PredictAndRoute``): on a CPU it works through the batch in cache-sized chunks of examples,
-keeps neither u_hat nor its gradient for the whole batch (the backward recomputes each chunk's
-u_hat and expands its gradient from 2r - 1 outer-product terms a chunk at a time), so its memory
-is flat in the batch size beyond one chunk. Nothing of size B x I x J x D x P is ever formed.
+A whole routed layer, predictions and routing iterations, is one autograd function
+(``PredictAndRoute``) with two implementations. On a CPU (fp32 u and W) it is the compiled C
+kernel of ``routing_kernel``: per example, the predictions stay in the L2 cache across all
+passes, each pass is one fused walk over them, nothing of u_hat's size is kept. Elsewhere (CUDA,
+a CPU without a C compiler) the torch path: the prediction vectors u_hat_j|i = W_ij u_i are made
+by one batched matrix product over the children and stored parent-major, (B, J, I, D): for every
+(example, parent) the I x D block of predictions is contiguous, so both routing contractions -
+s_j = sum_i c_ij u_hat_j|i and the agreement u_hat_j|i . v_j - are batched matrix-vector
+products that stream u_hat once each; on a CPU it works through the batch in cache-sized chunks
+of examples, keeps neither u_hat nor its gradient for the whole batch (the backward recomputes
+each chunk's u_hat and expands its gradient from 2r - 1 outer-product terms a chunk at a time),
+so its memory is flat in the batch size beyond one chunk. Nothing of size B x I x J x D x P is
+ever formed.
 """
 
 from __future__ import annotations
@@ -272,8 +278,8 @@ def _kernel_layouts(u_BIP: torch.Tensor, W_IJDP: torch.Tensor):
     B, VL = u_BIP.shape[0], routing_kernel.VL
     pad = -I % VL
     V = (I + pad) // VL
-    u_BVPL = F.pad(u_BIP.detach(), (0, 0, 0, pad)).view(B, V, VL, P).transpose(2, 3)
-    W_VKPL = F.pad(W_IJDP.detach(), (0, 0, 0, 0, 0, 0, 0, pad)).view(V, VL, J * D, P)
+    u_BVPL = F.pad(u_BIP.detach(), (0, 0, 0, pad)).reshape(B, V, VL, P).transpose(2, 3)
+    W_VKPL = F.pad(W_IJDP.detach(), (0, 0, 0, 0, 0, 0, 0, pad)).reshape(V, VL, J * D, P)
     return u_BVPL.contiguous(), W_VKPL.permute(0, 2, 3, 1).contiguous()
 
 
