@@ -173,3 +173,18 @@ def test_kernel_takes_a_non_contiguous_input(monkeypatch):
     u_view = u.transpose(0, 1).contiguous().transpose(0, 1)
     assert not u_view.is_contiguous()
     torch.testing.assert_close(layer(u_view)[0], layer(u)[0], atol=0, rtol=0)
+
+
+def test_the_build_without_openmp_gives_the_same_result(monkeypatch, tmp_path):
+    """Compilers without OpenMP build the kernel without it (one thread): the same numbers as
+    the OpenMP build."""
+    assert routing_kernel.load() is not None, routing_kernel.status()
+    monkeypatch.setenv("CAPSCTL_CACHE", str(tmp_path))
+    path = routing_kernel._build(os.environ.get("CC") or "cc", routing_kernel.FLAGS)
+    assert "-fopenmp" not in routing_kernel.FLAGS and path.parent == tmp_path / "kernels"
+    args = _inputs(9, 40, 3, 4, 5, seed=5)
+    with_omp = _run_layer(*args[:3], 3, args[3], "kernel", monkeypatch)
+    monkeypatch.setitem(routing_kernel._state, "lib", routing_kernel._bind(path))
+    without = _run_layer(*args[:3], 3, args[3], "kernel", monkeypatch)
+    for a, b in zip(without, with_omp):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

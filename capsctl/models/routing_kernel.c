@@ -340,11 +340,24 @@ layer_backward(const float *uT, const float *W, int B, int I, int J, int D, int 
     return 0;
 }
 
-/* Examples e0..e1-1 of the B, cut into nth nearly equal contiguous ranges: range t. */
-static void share(int B, int nth, int t, int *e0, int *e1) {
-    *e0 = (int)((long)B * t / nth);
-    *e1 = (int)((long)B * (t + 1) / nth);
+/* This thread's number t and its share e0..e1-1 of the B examples (contiguous, nearly equal),
+ * inside a parallel region; the whole batch and t = 0 without OpenMP. */
+static void my_share(int B, int *t, int *e0, int *e1) {
+    int nth = 1;
+    *t = 0;
+#ifdef _OPENMP
+    *t = omp_get_thread_num();
+    nth = omp_get_num_threads();
+#endif
+    *e0 = (int)((long)B * *t / nth);
+    *e1 = (int)((long)B * (*t + 1) / nth);
 }
+
+#ifdef _OPENMP
+#define PARALLEL _Pragma("omp parallel num_threads(nthreads) reduction(| : err)")
+#else
+#define PARALLEL
+#endif
 
 /* The exported entry points. They run on ``nthreads`` OpenMP threads (the same runtime and
  * threads as torch's when the library is built with -fopenmp; one thread otherwise), each on its
@@ -354,16 +367,10 @@ int capsctl_layer_forward(const float *uT, const float *W, int B, int I, int J, 
                           int R, const float *bias, int nthreads, float *v, float *c,
                           float *s) {
     int err = 0;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads) reduction(| : err)
-#endif
+    PARALLEL
     {
-        int t = 0, nth = 1, e0, e1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nth = omp_get_num_threads();
-#endif
-        share(B, nth, t, &e0, &e1);
+        int t, e0, e1;
+        my_share(B, &t, &e0, &e1);
         if (D == 16 && P == 8)
             err |= layer_forward(uT, W, B, I, J, 16, 8, R, bias, e0, e1, v, c, s);
         else
@@ -379,18 +386,11 @@ int capsctl_layer_backward(const float *uT, const float *W, int B, int I, int J,
                            int R, int nthreads, const float *c, const float *s, const float *g_v,
                            float *g_uT, float *g_W, float *g_s) {
     int err = 0;
-    size_t KPI = (size_t)J * D * P * I;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads) reduction(| : err)
-#endif
+    PARALLEL
     {
-        int t = 0, nth = 1, e0, e1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nth = omp_get_num_threads();
-#endif
-        share(B, nth, t, &e0, &e1);
-        float *gW = g_W + t * KPI;
+        int t, e0, e1;
+        my_share(B, &t, &e0, &e1);
+        float *gW = g_W + (size_t)t * J * D * P * I;
         if (D == 16 && P == 8)
             err |= layer_backward(uT, W, B, I, J, 16, 8, R, e0, e1, c, s, g_v, g_uT, gW, g_s);
         else
