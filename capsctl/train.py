@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -121,22 +122,46 @@ def lr_at(cfg: Config, step: int) -> float:
 
 class SignalStop:
     """First SIGINT/SIGTERM: remember it, let the current step finish. Second: exit at once
-    (checkpoints are only ever replaced by atomic rename, so nothing is torn)."""
+    (checkpoints are only ever replaced by atomic rename, so nothing is torn).
+
+    Python runs a handler once for all the deliveries of a signal that come before it gets to
+    run (two quick Ctrl-C while the main thread is inside one long C call), so the deliveries
+    are counted on the wakeup fd, where the interpreter writes one byte per delivery."""
 
     def __init__(self):
         self.received = None   # the first signal this process itself received (handler)
         self.signum = None     # the signal the loop acts on: set by agree_flags() at step
         #                        boundaries, the max over ranks under torchrun
         self._old = {}
+        self._wakeup = None    # (read socket, write socket, previous wakeup fd)
+
+    def _deliveries(self, signum) -> int:
+        """How many deliveries of ``signum`` this handler call stands for (at least one)."""
+        n = 0
+        if self._wakeup is not None:
+            try:
+                while data := self._wakeup[0].recv(4096):
+                    n += data.count(signum)
+            except OSError:  # drained (non-blocking read)
+                pass
+        return max(n, 1)
 
     def _handle(self, signum, frame):
         # the same signal twice exits at once; a SIGTERM after a SIGINT is what torchrun sends
         # its workers when Ctrl-C reached them all: let them finish and write the checkpoint
-        if self.received is not None and signum == self.received:
+        if self._deliveries(signum) > 1 or (self.received is not None
+                                            and signum == self.received):
             os._exit(128 + signum)
         self.received = self.received or signum
 
     def __enter__(self):
+        try:
+            r, w = socket.socketpair()
+            r.setblocking(False)
+            w.setblocking(False)
+            self._wakeup = (r, w, signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False))
+        except (ValueError, OSError):  # not in the main thread: count handler calls only
+            self._wakeup = None
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[s] = signal.signal(s, self._handle)
@@ -153,6 +178,12 @@ class SignalStop:
             return
         for s, h in self._old.items():
             signal.signal(s, h)
+        if self._wakeup is not None:
+            r, w, previous = self._wakeup
+            signal.set_wakeup_fd(previous)
+            r.close()
+            w.close()
+            self._wakeup = None
 
 
 def _compiled(model, enabled: bool, console: Console):

@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -212,6 +213,30 @@ def test_second_ctrl_c_exits_at_once_without_corrupting(work, baseline):
     rc, err = finish(start(work, resume=run))
     assert rc == 0, err[-2000:]
     assert_same_as_baseline(run, baseline())
+
+
+def test_two_ctrl_c_during_one_long_native_call_still_exit_at_once(tmp_path):
+    """Both SIGINTs arrive while the main thread is inside one long C call (a matmul), so Python
+    runs the handler once for the two: the deliveries are still counted and it exits at once."""
+    script = tmp_path / "two_sigints.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, threading, time, torch
+        from capsctl.train import SignalStop
+        a = torch.randn(3000, 3000)
+        with SignalStop():
+            def fire():
+                time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+                os.kill(os.getpid(), signal.SIGINT)
+            threading.Thread(target=fire).start()
+            t0 = time.monotonic()
+            torch.mm(a, a)
+            print(f"survived; the matmul took {time.monotonic() - t0:.2f} s")
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, env=_env())
+    assert done.returncode == 128 + signal.SIGINT, done.stdout + done.stderr
 
 
 # --- in-process: disk full, non-finite losses ------------------------------------------------
