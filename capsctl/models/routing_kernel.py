@@ -117,24 +117,24 @@ def _bind(path: Path):
 
 
 def load():
-    """The loaded kernel library, or None (the torch path is used; warned once)."""
+    """The loaded kernel library, or None: switched off, or it could not be built (then the
+    torch path is used, with one warning that says why; the outcome is kept for the process)."""
+    if not enabled():
+        return None
     with _lock:
         if "lib" not in _state:
             _state["lib"], _state["why"] = None, None
-            if not enabled():
-                _state["why"] = f"{ENV_SWITCH}=0"
-            elif os.name != "posix":
+            cc = os.environ.get("CC") or "cc"
+            if os.name != "posix":
                 _state["why"] = "only built on Linux and macOS"
+            elif shutil.which(cc) is None:
+                _state["why"] = f"no C compiler ({cc}) found"
             else:
-                cc = os.environ.get("CC") or "cc"
-                if shutil.which(cc) is None:
-                    _state["why"] = f"no C compiler ({cc}) found"
-                else:
-                    try:
-                        _state["lib"] = _bind(_compile(cc))
-                    except Exception as e:  # any failure: fall back to the torch path
-                        _state["why"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            if _state["lib"] is None and enabled():
+                try:
+                    _state["lib"] = _bind(_compile(cc))
+                except Exception as e:  # any failure: fall back to the torch path
+                    _state["why"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            if _state["lib"] is None:
                 warnings.warn(f"capsctl: CPU routing kernel unavailable ({_state['why']}); "
                               "using the slower torch routing", RuntimeWarning, stacklevel=2)
         return _state["lib"]
@@ -142,14 +142,14 @@ def load():
 
 def status() -> str:
     """Which capsule layer a CPU runs, for reports: 'C kernel' or 'torch (why)'."""
-    lib = load()
-    return "C kernel" if lib is not None else f"torch ({_state['why']})"
+    if not enabled():
+        return f"torch ({ENV_SWITCH}=0)"
+    return "C kernel" if load() is not None else f"torch ({_state['why']})"
 
 
 def usable(u: torch.Tensor) -> bool:
     """Whether the kernel applies to ``u``: an fp32 CPU tensor, the kernel on and loaded."""
-    return (u.device.type == "cpu" and u.dtype == torch.float32 and enabled()
-            and load() is not None)
+    return u.device.type == "cpu" and u.dtype == torch.float32 and load() is not None
 
 
 def _ptr(t: torch.Tensor | None):
