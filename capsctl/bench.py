@@ -281,9 +281,9 @@ def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
 
 
 KEYS = ("device", "device_type", "dtype", "torch", "threads", "model", "parameters",
-        "channels_last", "compile", "compile_active", "capsule_layer", "batch_size", "large_batch", "steps",
-        "warmup", "mem_kind", "mem_start", "train", "infer", "infer_large", "conv_bound",
-        "train_vs_bound", "train_vs_bound_cpu")
+        "channels_last", "compile", "compile_active", "capsule_layer", "batch_size",
+        "large_batch", "steps", "warmup", "mem_kind", "mem_start", "train", "infer",
+        "infer_large", "conv_bound", "train_vs_bound", "train_vs_bound_cpu")
 PHASE_KEYS = tuple(Phase.__dataclass_fields__)
 
 
