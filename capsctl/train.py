@@ -155,13 +155,14 @@ class SignalStop:
         self.received = self.received or signum
 
     def __enter__(self):
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
         try:
-            r, w = socket.socketpair()
-            r.setblocking(False)
-            w.setblocking(False)
             self._wakeup = (r, w, signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False))
-        except (ValueError, OSError):  # not in the main thread: count handler calls only
-            self._wakeup = None
+        except ValueError:  # not in the main thread: count handler calls only
+            r.close()
+            w.close()
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[s] = signal.signal(s, self._handle)

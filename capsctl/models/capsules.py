@@ -264,10 +264,11 @@ def chunk_plan(device: torch.device, B: int, J: int, I: int, D: int,
 
 
 def _kernel_applies(u_BIP: torch.Tensor, W_IJDP: torch.Tensor, bias_JD, iterations: int) -> bool:
-    """The compiled CPU kernel takes fp32 CPU tensors (any autocast: it computes in fp32)."""
-    return (u_BIP.dtype == W_IJDP.dtype == torch.float32
+    """The compiled CPU kernel takes fp32 CPU tensors (any autocast: it computes in fp32), when
+    it is switched on and built."""
+    return (u_BIP.device.type == "cpu" and u_BIP.dtype == W_IJDP.dtype == torch.float32
             and (bias_JD is None or bias_JD.dtype == torch.float32)
-            and 1 <= iterations <= routing_kernel.MAX_R and routing_kernel.usable(u_BIP))
+            and 1 <= iterations <= routing_kernel.MAX_R and routing_kernel.load() is not None)
 
 
 def _kernel_layouts(u_BIP: torch.Tensor, W_IJDP: torch.Tensor):

@@ -147,11 +147,6 @@ def status() -> str:
     return "C kernel" if load() is not None else f"torch ({_state['why']})"
 
 
-def usable(u: torch.Tensor) -> bool:
-    """Whether the kernel applies to ``u``: an fp32 CPU tensor, the kernel on and loaded."""
-    return u.device.type == "cpu" and u.dtype == torch.float32 and load() is not None
-
-
 def _ptr(t: torch.Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
