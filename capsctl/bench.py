@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from capsctl.config import Config
+from capsctl.data.registry import DATASETS, PAIR
 from capsctl.device import autocast, compile_model, describe, use_channels_last
 from capsctl.errors import CapsctlError
-from capsctl.models import build_model, count_parameters, loss_fn as make_loss_fn
+from capsctl.models import build_model, count_parameters, loss_fn
 from capsctl.models import routing_kernel
+from capsctl.models.capsnet import CapsNet
 from capsctl.models.capsules import RoutedCapsules
-from capsctl.evaluate import model_labels
-from capsctl.train import build_optimizer
+from capsctl.training.step import build_optimizer, lr_at, train_step
 
 
 @dataclass
@@ -148,25 +149,23 @@ class _Timer:
 # --- synthetic batches --------------------------------------------------------------------------
 
 def synthetic_batch(cfg: Config, batch: int, device: torch.device, seed: int = 0) -> dict:
-    """A batch of the configured shape: images in [0, 1] and labels (two distinct labels and the
-    two source images for two-digit datasets such as MultiMNIST)."""
+    """A batch of the configured shape: images in [0, 1] and labels (for a "pair" dataset such
+    as MultiMNIST: two distinct labels and the two source images)."""
     g = torch.Generator().manual_seed(seed)
     m = cfg.model
     shape = (batch, m.in_channels, m.input_size, m.input_size)
     b = {"x": torch.rand(shape, generator=g),
          "y": torch.randint(0, m.num_classes, (batch,), generator=g)}
-    if cfg.data.dataset == "multimnist":
+    if DATASETS[cfg.data.name].task == PAIR:
         b["y2"] = (b["y"] + torch.randint(1, m.num_classes, (batch,), generator=g)) % m.num_classes
         b["x_a"], b["x_b"] = torch.rand(shape, generator=g), torch.rand(shape, generator=g)
     return {k: v.to(device) for k, v in b.items()}
 
 
 def conv_bound_modules(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(Conv1, PrimaryCaps' convolution) of a CapsNet-like model, else None (no bound)."""
-    conv1 = getattr(model, "conv1", None)
-    primary = getattr(getattr(model, "primary", None), "conv", None)
-    if isinstance(conv1, nn.Conv2d) and isinstance(primary, nn.Conv2d):
-        return conv1, primary
+    """(Conv1, PrimaryCaps' convolution) of a CapsNet, else None (no bound)."""
+    if isinstance(model, CapsNet):
+        return model.conv1, model.primary.conv
     return None
 
 
@@ -178,6 +177,29 @@ def capsule_layer(model: nn.Module, device: torch.device) -> str:
     if device.type != "cpu" or not any(isinstance(m, RoutedCapsules) for m in model.modules()):
         return "torch"
     return routing_kernel.status()
+
+
+class _TrainPhase:
+    """The trainer's own step (capsctl.training.step.train_step: learning rate of the step,
+    forward, loss, backward, optimizer step), called on one batch at steps 0, 1, 2, ..."""
+
+    def __init__(self, cfg: Config, model: nn.Module, batch: dict, device: torch.device,
+                 warn: Callable[[str], None]):
+        self.cfg, self.model, self.batch, self.device = cfg, model, batch, device
+        self.task = DATASETS[cfg.data.name].task
+        self.losses_of = loss_fn(cfg, self.task)
+        self.opt = build_optimizer(model, cfg)
+        self.fell_back: list[str] = []
+        self.step_model = compile_model(model, cfg.train.compile,
+                                        lambda msg: (self.fell_back.append(msg), warn(msg)))
+        self.step = 0
+
+    def __call__(self) -> None:
+        self.model.train()  # the inference phases leave it in eval mode
+        train_step(self.step_model, self.opt, self.batch, self.task, self.losses_of,
+                   lr_at(self.cfg, self.step), self.step, self.cfg.train.precision, self.device,
+                   self.cfg.train.nonfinite == "skip")
+        self.step += 1
 
 
 def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
@@ -237,23 +259,8 @@ def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
 
     phases["infer"] = _Timer(infer_at(batch), batch_size)
 
-    # training step: forward + loss + backward + optimizer step, exactly as the trainer does
-    losses_of = make_loss_fn(cfg)
-    opt = build_optimizer(model, cfg)
-    fell_back = []
-    step_model = compile_model(model, t.compile, lambda msg: (fell_back.append(msg), warn(msg)))
-    labels = model_labels(batch)  # exactly what the trainer passes to the model
-
-    def train_step():
-        model.train()
-        with autocast(device, t.precision):
-            out = step_model(batch["x"], labels)
-        losses = losses_of(out, batch, 0)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        opt.step()
-
-    phases["train"] = _Timer(train_step, batch_size)
+    train_phase = _TrainPhase(cfg, model, batch, device, warn)
+    phases["train"] = _Timer(train_phase, batch_size)
     large = synthetic_batch(cfg, large_batch, device, t.seed + 1)
     large["x"] = large["x"].contiguous(memory_format=fmt)
     phases["infer_large"] = _Timer(infer_at(large), large_batch)
@@ -263,7 +270,7 @@ def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
         if name == "train" and t.compile:
             n = max(n, 3)  # compiles the forward, then the backward, then one steady step
         ph.warm(n, device, memory)
-    report["compile_active"] = bool(t.compile and not fell_back)
+    report["compile_active"] = bool(t.compile and not train_phase.fell_back)
     report["mem_kind"] = memory.kind
     for _ in range(steps):
         for ph in phases.values():

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from capsctl import config as config_mod
+from capsctl.migrate import config_v1_to_v2
 from capsctl.errors import CheckpointError, TrainingError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-family/per-dataset config sections (capsctl 0.2); 1 is migrated
 REQUIRED = ("format_version", "model", "config")
 
 
@@ -70,6 +71,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
                                   "file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_records(path)
     try:
         with warnings.catch_warnings():  # torch warns about odd pickles; the error says it all
             warnings.simplefilter("ignore")
@@ -99,7 +101,27 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this "
                               f"capsctl understands ({FORMAT_VERSION}); upgrade capsctl")
+    if version == 1:  # capsctl 0.1: migrated in memory, the file is left as it is
+        state = {**state, "format_version": 2, "config": config_v1_to_v2(state["config"])}
     return state
+
+
+def _check_records(path: Path) -> None:
+    """A torch checkpoint is a zip archive of *stored* records (torch.save never compresses):
+    a compressed record, or records that add up to more than the file, is refused before
+    torch.load inflates anything (a small file cannot make capsctl allocate gigabytes)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # a legacy or foreign file: torch.load refuses it with its own error
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
+        return
+    size = path.stat().st_size
+    if any(i.compress_type != zipfile.ZIP_STORED for i in infos) or \
+            sum(i.file_size for i in infos) > size:
+        raise CheckpointError(f"{path}: not a capsctl checkpoint (its records are compressed "
+                              "or larger than the file); nothing was loaded")
 
 
 _SAFE_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset")
@@ -143,12 +165,35 @@ def config_of(state: dict, path: str | Path = "checkpoint") -> config_mod.Config
             from None
 
 
+def check_weights(model_cfg, weights: Any, path: str | Path) -> None:
+    """The stored weights must be exactly the tensors the stored config's model has: checked on
+    the meta device (no memory allocated), so a stranger's config cannot make capsctl allocate
+    a model its file does not hold."""
+    from capsctl.models import build_model
+
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor)
+                                                for v in weights.values()):
+        raise CheckpointError(f"{path}: the weights are not a mapping of tensors")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(model_cfg).state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in weights.items()}
+    if stored != expected:
+        wrong = sorted(set(stored) ^ set(expected)) or sorted(
+            k for k in stored if stored[k] != expected[k])
+        raise CheckpointError(f"{path}: the weights do not match the model its config describes "
+                              f"({len(wrong)} tensor(s) differ, e.g. {wrong[0]})")
+
+
 def load_model(path: str | Path, device: torch.device):
-    """(model in eval mode on ``device``, config, state) from a checkpoint alone."""
+    """(model in eval mode on ``device``, config, state) from a checkpoint alone. The data
+    location and download switch are never taken from the file (``data.root`` null,
+    ``data.download`` false): the flag --data-root and $CAPSCTL_DATA say where data is."""
     from capsctl.models import build_model
 
     state = load(path)
     cfg = config_of(state, path)
+    cfg.data.root, cfg.data.download = None, False
+    check_weights(cfg.model, state["model"], path)
     model = build_model(cfg.model)
     try:
         model.load_state_dict(state["model"])

@@ -1,119 +1,30 @@
 """Typed experiment configuration: dataclass defaults < YAML file < ``--set section.key=value``.
 
-Every field carries its help text and its valid range in ``metadata``; the loader checks types and
-ranges and names the offending key (with the closest valid key for a typo). The README's config
-reference is the same metadata printed by ``capsctl config --reference``.
+Five sections. ``optim`` and ``train`` are fixed dataclasses (here); ``model`` and ``loss`` are
+the dataclasses of the model family that ``model.name`` picks (``models/registry.py``), and
+``data`` the options of the dataset that ``data.name`` picks (``data/registry.py``). A key is
+checked against the chosen family's or dataset's dataclass only: a key of another family is an
+error naming the family and its valid keys.
+
+Every field carries its help text and valid range in ``metadata`` (``capsctl/fields.py``); the
+README's config reference is the same metadata (``capsctl config --reference``). Torch-free.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from capsctl.data.mnist_config import MNISTOptions
+from capsctl.data.registry import DATASETS, TRAINING
 from capsctl.errors import ConfigError
-
-
-def _f(default, help: str, *, min=None, max=None, choices=None, gt=None):
-    """A dataclass field with its documentation and valid range."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "gt": gt}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class ModelConfig:
-    name: str = _f("capsnet", "model family (see the model registry)",
-                   choices=("capsnet", "em-capsnet", "cnn", "multimnist-cnn"))
-    input_size: int = _f(28, "side of the square input image in pixels", min=8)
-    in_channels: int = _f(1, "input channels", min=1)
-    num_classes: int = _f(10, "number of classes (class capsules)", min=2)
-    conv1_channels: int = _f(256, "Conv1 output channels", min=1)
-    conv1_kernel: int = _f(9, "Conv1 kernel size (stride 1, no padding, ReLU)", min=1)
-    primary_types: int = _f(32, "PrimaryCaps capsule types (channels = types x dim)", min=1)
-    primary_dim: int = _f(8, "PrimaryCaps capsule dimension", min=1)
-    primary_kernel: int = _f(9, "PrimaryCaps kernel size", min=1)
-    primary_stride: int = _f(2, "PrimaryCaps stride", min=1)
-    class_dim: int = _f(16, "DigitCaps (class capsule) dimension", min=1)
-    routing_iterations: int = _f(3, "routing-by-agreement iterations (coupling passes)", min=1)
-    transform_init_std: float = _f(0.01, "std of the normal init of the W_ij matrices", gt=0)
-    primary_scale: float = _f(1.0, "scale applied to PrimaryCaps before the squash "
-                              "(authors' code: 1/32; paper: 1)", gt=0)
-    class_bias: bool = _f(False, "learned bias added to s_j (the authors' code has one; the "
-                          "paper and its parameter count do not)")
-    decoder: bool = _f(True, "reconstruction decoder from the masked class capsules")
-    decoder_hidden: list[int] = _f([512, 1024], "decoder hidden layer widths (ReLU); output "
-                                   "is sigmoid of input_size^2 x in_channels")
-    dropout: float = _f(0.5, "dropout probability (CNN baselines only)", min=0.0, max=0.99)
-    cnn_channels: list[int] = _f([256, 256, 128], "CNN baseline conv channels (5x5)")
-    cnn_hidden: list[int] = _f([328, 192], "CNN baseline fully connected widths")
-    cnn_pool: list[int] = _f([], "cnn: max-pooling window (= stride) after each conv, one per "
-                             "entry of cnn_channels, 1 = none; [] = no pooling (Table 1 baseline)")
-
-    em_conv1_channels: int = _f(32, "em-capsnet: A, channels of ReLU Conv1 (5x5, stride 2)",
-                                min=1)
-    em_primary_types: int = _f(32, "em-capsnet: B, PrimaryCaps types (4x4 pose = 1x1 conv of "
-                               "Conv1, activation = sigmoid)", min=1)
-    em_caps1_types: int = _f(32, "em-capsnet: C, ConvCaps1 types (K=3, stride 2)", min=1)
-    em_caps2_types: int = _f(32, "em-capsnet: D, ConvCaps2 types (K=3, stride 1)", min=1)
-    em_iterations: int = _f(3, "em-capsnet: EM routing iterations per capsule layer", min=1)
-    em_lambda: float = _f(0.01, "em-capsnet: inverse temperature scale; iteration t (from 0) "
-                          "uses em_lambda * (1 - em_lambda_rate^(t+1))", gt=0)
-    em_lambda_rate: float = _f(0.95, "em-capsnet: rate of the inverse temperature schedule "
-                               "(0 = constant em_lambda)", min=0.0, max=0.999999)
-    em_var_floor: float = _f(1e-4, "em-capsnet: floor added to every routing variance "
-                             "(keeps log sigma finite, e.g. for a parent with one child)", gt=0)
-    em_init_std: float = _f(0.5, "em-capsnet: std of the normal noise added to the identity to "
-                            "initialise the 4x4 transformation matrices", min=0.0)
-    em_coordinate_addition: bool = _f(True, "em-capsnet: add the scaled receptive-field centre "
-                                      "(row, column) to the class capsules' votes")
-
-@dataclass
-class LossConfig:
-    m_plus: float = _f(0.9, "margin loss: target length for the present class", min=0.0, max=1.0)
-    m_minus: float = _f(0.1, "margin loss: ceiling for absent classes", min=0.0, max=1.0)
-    down_weight: float = _f(0.5, "margin loss: lambda, down-weighting of absent classes",
-                            min=0.0)
-    recon_weight: float = _f(0.0005, "weight of the reconstruction sum of squared errors "
-                             "(0 disables the term)", min=0.0)
-
-    spread_m_start: float = _f(0.2, "spread loss (em-capsnet): margin at step 0", min=0.0,
-                               max=1.0)
-    spread_m_end: float = _f(0.9, "spread loss (em-capsnet): final margin", min=0.0, max=1.0)
-    spread_m_steps: int = _f(10000, "spread loss (em-capsnet): optimizer steps over which the "
-                             "margin rises linearly from start to end (0 = end at once)", min=0)
-
-@dataclass
-class DataConfig:
-    dataset: str = _f("mnist", "training dataset (expanded-mnist: the digit anywhere on a 40x40 "
-                      "canvas, see data.shift)", choices=("mnist", "expanded-mnist", "multimnist",
-                                                  "smallnorb"))
-    root: str | None = _f(None, "folder with the IDX files (flag --data-root and CAPSCTL_DATA "
-                          "apply when this is null)")
-    download: bool = _f(False, "download MNIST with torchvision (and affNIST, when evaluated) "
-                        "when the files are missing")
-    val_size: int = _f(5000, "images held out from the end of the training set for validation",
-                       min=0)
-    shift: int = _f(2, "random integer shift in pixels each way (zero padding), training only; "
-                    "expanded-mnist: up to 6 on its 40x40 canvas", min=0)
-    multimnist_shift: int = _f(4, "MultiMNIST: shift of each digit, up to N px each way (paper 4; "
-                               "the authors' README used 6)", min=0)
-    multimnist_pad: int = _f(4, "MultiMNIST: canvas border, canvas side = 28 + 2 x pad (paper: "
-                             "36); model.input_size must equal it", min=0)
-    multimnist_per_digit: int = _f(1000, "MultiMNIST: overlays per test digit in the fixed test "
-                                   "stream (paper: 1,000 = 10M)", min=1)
-    multimnist_val_per_digit: int = _f(2, "MultiMNIST: overlays per held-out validation digit "
-                                       "(fixed, evaluated every epoch)", min=1)
-    multimnist_test_limit: int = _f(100000, "MultiMNIST: test examples evaluated by default (the "
-                                    "final test, eval without --limit); 0 = all", min=0)
-    multimnist_seed: int = _f(0, "MultiMNIST: seed of the fixed validation and test pairs "
-                              "(independent of train.seed, so runs share one test set)", min=0)
+from capsctl.fields import _f, default_of, field_names, set_field, suggest
+from capsctl.models.capsnet_config import CapsNetConfig, MarginLossConfig
+from capsctl.models.registry import MODELS
 
 
 @dataclass
@@ -128,14 +39,18 @@ class OptimConfig:
     lr_decay_steps: int = _f(2000, "steps per decay factor (smooth, not staircase)", min=1)
     min_lr: float = _f(1e-6, "learning-rate floor", min=0.0)
 
+    def check(self, source: str) -> None:
+        pass
+
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(1, "epochs to train", min=1)
+    epochs: int = _f(1, "epochs to train", min=1, max=1_000_000)
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit)", min=0)
-    batch_size: int = _f(128, "training batch size", min=1)
-    eval_batch_size: int = _f(1000, "batch size for validation and test", min=1)
-    seed: int = _f(0, "seed of the weights, batch order and augmentation", min=0)
+    batch_size: int = _f(128, "training batch size", min=1, max=1_000_000)
+    eval_batch_size: int = _f(1000, "batch size for validation and test", min=1, max=1_000_000)
+    seed: int = _f(0, "seed of the weights, batch order and augmentation", min=0,
+                   max=2 ** 63 - 1)
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (flag --device overrides)")
     precision: str = _f("fp32", "fp32, or bf16 autocast (squash, norms, losses stay fp32)",
                         choices=("fp32", "bf16"))
@@ -154,189 +69,191 @@ class TrainConfig:
     final_eval: list[str] = _f([], "extra datasets evaluated (test split) with the best model at "
                                "the end, e.g. [affnist]; skipped with a note when absent")
 
+    def check(self, source: str) -> None:
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:")
+                                                    and dev[5:].isdigit())):
+            raise ConfigError(f"{source}: config key 'train.device' must be auto, cpu, cuda or "
+                              f"cuda:N, got {dev!r}")
+        for name in self.final_eval:
+            if name not in DATASETS:
+                raise ConfigError(f"{source}: train.final_eval: unknown dataset '{name}'"
+                                  f"{suggest(name, list(DATASETS))}; choose from "
+                                  f"{', '.join(DATASETS)}")
+
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    """``model``/``loss``: the chosen family's dataclasses; ``data``: the chosen dataset's."""
+
+    model: Any = field(default_factory=CapsNetConfig)
+    loss: Any = field(default_factory=MarginLossConfig)
+    data: Any = field(default_factory=MNISTOptions)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig,
-            "optim": OptimConfig, "train": TrainConfig}
+SECTIONS = ("model", "loss", "data", "optim", "train")
+TASK_WORDS = {"single": "one-label", "pair": "two-label"}
+DEFAULT_MODEL, DEFAULT_DATA = "capsnet", "mnist"
 
 
-def all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+def _family(name: Any, source: str) -> str:
+    if not isinstance(name, str) or name not in MODELS:  # a list or mapping is not hashable
+        raise ConfigError(f"{source}: config key 'model.name' must be one of "
+                          f"{', '.join(MODELS)}; got {name!r}{suggest(str(name), list(MODELS))}")
+    return name
 
 
-def _suggest(key: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+def _dataset(name: Any, source: str) -> str:
+    if not isinstance(name, str) or name not in TRAINING:
+        only_eval = isinstance(name, str) and name in DATASETS
+        raise ConfigError(f"{source}: config key 'data.name' must be one of "
+                          f"{', '.join(TRAINING)}; got {name!r}"
+                          + (" (an evaluation-only dataset: use it in train.final_eval or "
+                             "capsctl eval --dataset)" if only_eval else
+                             suggest(str(name), list(TRAINING))))
+    return name
 
 
-def _type_name(tp) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        tp, str(tp))
+def empty(model: str = DEFAULT_MODEL, dataset: str = DEFAULT_DATA) -> Config:
+    """The defaults of family ``model`` trained on ``dataset``."""
+    spec = MODELS[model]
+    return Config(model=spec.config(name=model), loss=spec.loss_config(),
+                  data=DATASETS[dataset].options(name=dataset))
 
 
-def _coerce(key: str, value: Any, tp, meta: dict) -> Any:
-    """Check ``value`` against the field type ``tp`` and range ``meta``; return it normalised."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        inner = [a for a in args if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, inner[0], meta)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, args[0], {}) for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
-    elif tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-    elif tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        try:
-            value = float(value)
-        except OverflowError:  # an integer beyond any float
-            raise ConfigError(f"config key '{key}' must be a finite number, got an integer "
-                              f"of {len(str(abs(value)))} digits") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(meta['choices'])}; "
-                          f"got {value!r}")
-    if meta.get("min") is not None and value < meta["min"]:
-        raise ConfigError(f"config key '{key}' must be >= {meta['min']}, got {value!r}")
-    if meta.get("max") is not None and value > meta["max"]:
-        raise ConfigError(f"config key '{key}' must be <= {meta['max']}, got {value!r}")
-    if meta.get("gt") is not None and value <= meta["gt"]:
-        raise ConfigError(f"config key '{key}' must be > {meta['gt']}, got {value!r}")
-    return value
+def _owners(section: str, key: str) -> list[str]:
+    """The families (``model``/``loss``) or datasets (``data``) that do have ``key``."""
+    if section == "data":
+        return [n for n in TRAINING if key in field_names(DATASETS[n].options)]
+    attr = "config" if section == "model" else "loss_config"
+    return [n for n, s in MODELS.items() if key in field_names(getattr(s, attr))]
 
 
-_HINTS = typing.get_type_hints
+def _set(cfg: Config, section: str, key: str, value: Any) -> None:
+    """Set one key, with the errors a user needs: another family's key names its owner."""
+    obj = getattr(cfg, section)
+    if key == "name" and section in ("model", "data") and value != obj.name:
+        raise ConfigError(f"config key '{section}.name' cannot change here (from {obj.name!r} "
+                          f"to {value!r}); start a new run with the other {section}")
+    if section in ("model", "loss", "data") and key not in field_names(type(obj)):
+        owners = _owners(section, str(key))
+        what = (f"dataset {cfg.data.name}" if section == "data" else
+                f"model family {cfg.model.name}" + ("'s loss" if section == "loss" else ""))
+        if owners:
+            raise ConfigError(f"config key '{section}.{key}' is not an option of {what} (it "
+                              f"belongs to {', '.join(owners)}); {what} takes: "
+                              f"{', '.join(field_names(type(obj))) or 'no keys'}")
+    set_field(obj, section, str(key), value)
 
 
-def set_key(cfg: Config, key: str, value: Any) -> None:
-    parts = key.split(".")
-    if len(parts) != 2 or parts[0] not in SECTIONS:
-        raise ConfigError(f"unknown config key '{key}'{_suggest(key, all_keys())}; keys look like "
-                          "'section.key' with section one of " + ", ".join(SECTIONS))
-    section, name = parts
-    cls = SECTIONS[section]
-    hints = _HINTS(cls)
-    if name not in hints:
-        raise ConfigError(f"unknown config key '{key}'{_suggest(key, all_keys())}")
-    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
-    setattr(getattr(cfg, section), name, _coerce(key, value, hints[name], meta))
-
-
-def from_dict(data: Any, *, source: str = "config") -> Config:
-    """Build a Config from a nested mapping, checking every key, type and range."""
-    cfg = Config()
+def _mapping(data: Any, source: str) -> dict:
     if data is None:
-        return cfg
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections "
                           f"({', '.join(SECTIONS)}), got {type(data).__name__}")
     for section, values in data.items():
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown config section '{section}'"
-                              f"{_suggest(str(section), list(SECTIONS))}")
-        if values is None:
-            continue
-        if not isinstance(values, dict):
+                              f"{suggest(str(section), list(SECTIONS))}; sections: "
+                              f"{', '.join(SECTIONS)}")
+        if values is not None and not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping of keys, "
                               f"got {values!r}")
-        for name, value in values.items():
+    if isinstance(data.get("data"), dict) and "dataset" in data["data"]:
+        raise ConfigError(f"{source}: data.dataset is now data.name (capsctl 0.2); rename the "
+                          "key")
+    return data
+
+
+def _build(data: dict, source: str, model: str | None = None, dataset: str | None = None
+           ) -> Config:
+    """A Config from a checked mapping: the family and dataset first, then every key."""
+    m = _family(model or (data.get("model") or {}).get("name", DEFAULT_MODEL), source)
+    d = _dataset(dataset or (data.get("data") or {}).get("name", DEFAULT_DATA), source)
+    cfg = empty(m, d)
+    for section, values in data.items():
+        for key, value in (values or {}).items():
+            if key == "name" and section in ("model", "data"):
+                continue
             try:
-                set_key(cfg, f"{section}.{name}", value)
+                _set(cfg, section, key, value)
             except ConfigError as e:
                 raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def follow_dataset(cfg: Config, root_flag: str | None = None) -> None:
+    """The model's ``input_size``, ``in_channels`` and ``num_classes`` left null take the
+    dataset's image side, (first) channel count and class count. A ``folder`` dataset's classes
+    are its subfolders: found under ``root_flag`` (--data-root) or ``data.root``; when neither
+    is known yet, ``num_classes`` stays null and the dataset's builder checks it."""
+    m, d = cfg.model, cfg.data
+    spec = DATASETS[d.name]
+    if m.input_size is None:
+        m.input_size = spec.side(d)
+    if m.in_channels is None:
+        m.in_channels = spec.channel_counts(d)[0]
+    if m.num_classes is None:
+        names = spec.class_names(d, root_flag)
+        m.num_classes = len(names) if names is not None else None
+
+
+def from_dict(data: Any, *, source: str = "config") -> Config:
+    """Build a Config from a nested mapping, checking every key, type and range."""
+    cfg = _build(_mapping(data, source), source)
     validate(cfg, source)
     return cfg
 
 
-def validate(cfg: Config, source: str = "config") -> None:
-    """Checks that involve more than one key."""
-    m = cfg.model
-    if m.name == "capsnet":
-        conv1_out = m.input_size - m.conv1_kernel + 1
-        grid = (conv1_out - m.primary_kernel) // m.primary_stride + 1
-        if conv1_out < 1 or grid < 1:
-            raise ConfigError(f"{source}: model.input_size={m.input_size} is too small for "
-                              f"conv1_kernel={m.conv1_kernel} and primary_kernel="
-                              f"{m.primary_kernel}; use a larger input or smaller kernels")
-    if m.name == "cnn":
-        _validate_cnn(m, source)
-    if m.name == "em-capsnet":
-        _validate_em(cfg, source)
-    if cfg.train.target_val_accuracy > 0 and cfg.data.val_size == 0:
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set ``section.key`` on a built config (the family and dataset cannot change)."""
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ConfigError(f"unknown config key '{key}'; keys look like 'section.key' with "
+                          f"section one of {', '.join(SECTIONS)}")
+    _set(cfg, parts[0], parts[1], value)
+
+
+def validate(cfg: Config, source: str = "config", root_flag: str | None = None) -> None:
+    """Checks that involve more than one key: each section's own, then model against data.
+    Model dimensions left null are filled in from the dataset first."""
+    follow_dataset(cfg, root_flag)
+    for section in SECTIONS:
+        getattr(cfg, section).check(source)
+    m, d = cfg.model, cfg.data
+    spec, dspec = MODELS[m.name], DATASETS[d.name]
+    if dspec.task not in spec.losses:
+        fits = [n for n, s in MODELS.items() if dspec.task in s.losses]
+        raise ConfigError(f"{source}: model family {m.name} cannot learn dataset {d.name} "
+                          f"(a {TASK_WORDS[dspec.task]} task); use {' or '.join(fits)}")
+    check_fits(m, d.name, d, source, root_flag)
+    if cfg.train.target_val_accuracy > 0 and d.val_size == 0:
         raise ConfigError(f"{source}: train.target_val_accuracy needs a validation set; set "
                           "data.val_size > 0 or train.target_val_accuracy=0")
-    if cfg.data.dataset == "expanded-mnist" and (m.input_size != 40 or cfg.data.shift > 6):
-        raise ConfigError(f"{source}: data.dataset=expanded-mnist makes 40x40 images with the "
-                          "digit up to 6 px from the centre; set model.input_size=40 (got "
-                          f"{m.input_size}) and data.shift <= 6 (got {cfg.data.shift})")
-    canvas = 28 + 2 * cfg.data.multimnist_pad
-    if cfg.data.dataset == "multimnist" and m.input_size != canvas:
-        raise ConfigError(f"{source}: data.dataset=multimnist makes {canvas}x{canvas} images "
-                          f"(28 + 2 x data.multimnist_pad) but model.input_size is "
-                          f"{m.input_size}; set model.input_size={canvas}")
-    if cfg.loss.m_minus >= cfg.loss.m_plus:
-        raise ConfigError(f"{source}: loss.m_minus ({cfg.loss.m_minus}) must be below "
-                          f"loss.m_plus ({cfg.loss.m_plus})")
-    dev = cfg.train.device
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise ConfigError(f"{source}: config key 'train.device' must be auto, cpu, cuda or "
-                          f"cuda:N, got {dev!r}")
 
 
-def _validate_cnn(m: ModelConfig, source: str) -> None:
-    if m.cnn_pool and len(m.cnn_pool) != len(m.cnn_channels):
-        raise ConfigError(f"{source}: model.cnn_pool has {len(m.cnn_pool)} entries but "
-                          f"model.cnn_channels has {len(m.cnn_channels)}; give one window per "
-                          "conv (1 = no pooling) or [] for none")
-    if any(w < 1 for w in m.cnn_channels + m.cnn_hidden + m.cnn_pool):
-        raise ConfigError(f"{source}: model.cnn_channels, cnn_hidden and cnn_pool entries must "
-                          "be >= 1")
-    side = m.input_size
-    for w in m.cnn_pool:
-        side //= w
-    if side < 1:
-        raise ConfigError(f"{source}: model.cnn_pool {m.cnn_pool} shrinks the "
-                          f"{m.input_size}x{m.input_size} input to nothing; use fewer or smaller "
-                          "pooling windows")
+def check_fits(m: Any, dataset: str, options: Any, source: str,
+               root_flag: str | None = None) -> None:
+    """The model's input and classes must be what ``dataset`` gives (classes only where they
+    are known: a ``folder`` dataset's builder checks its own)."""
+    dspec = DATASETS[dataset]
+    side, channels = dspec.side(options), dspec.channel_counts(options)
+    if m.input_size != side:
+        raise ConfigError(f"{source}: dataset {dataset} makes {side}x{side} images but "
+                          f"model.input_size is {m.input_size}; set model.input_size={side}")
+    if m.in_channels not in channels:
+        raise ConfigError(f"{source}: dataset {dataset} gives "
+                          f"{' or '.join(map(str, channels))} channel(s) but "
+                          f"model.in_channels is {m.in_channels}")
+    names = dspec.class_names(options, root_flag)
+    if names is not None and m.num_classes != len(names):
+        raise ConfigError(f"{source}: dataset {dataset} has {len(names)} classes but "
+                          f"model.num_classes is {m.num_classes}; set "
+                          f"model.num_classes={len(names)}")
 
-
-def _validate_em(cfg: Config, source: str) -> None:
-    m = cfg.model
-    if m.input_size < 17:  # grids (side - 5) // 2 + 1 -> (g - 3) // 2 + 1 -> g - 2 must be >= 1
-        raise ConfigError(f"{source}: model.input_size={m.input_size} is too small for "
-                          "em-capsnet (Conv1 5x5/2, ConvCaps 3x3/2 and 3x3/1 need at least 17)")
-    if cfg.data.dataset == "smallnorb" and m.input_size != 32:
-        raise ConfigError(f"{source}: data.dataset=smallnorb gives 32x32 crops; set "
-                          "model.input_size=32")
-    if cfg.loss.spread_m_start > cfg.loss.spread_m_end:
-        raise ConfigError(f"{source}: loss.spread_m_start ({cfg.loss.spread_m_start}) must not "
-                          f"exceed loss.spread_m_end ({cfg.loss.spread_m_end})")
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``section.key=value`` with the value parsed as a YAML scalar (or flow list)."""
@@ -344,6 +261,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set expects section.key=value, got {text!r}")
     key, raw = text.split("=", 1)
     key = key.strip()
+    if len(raw) > 10000:
+        raise ConfigError(f"--set {key}: the value is {len(raw)} characters long; a config "
+                          "value is at most 10,000")
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except Exception:  # YAMLError, or a constructor's ValueError (2001-02-30, "!!float ")
@@ -352,61 +272,79 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def read_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    if path.is_dir():
-        raise ConfigError(f"config path is a folder, not a YAML file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
-    except (ValueError, TypeError, IndexError, OverflowError, RecursionError) as e:
-        # the safe loader's constructors reject some values outright (2001-02-30, "!!float ")
-        raise ConfigError(f"{path}: invalid YAML value ({type(e).__name__}: "
-                          f"{str(e)[:100]})") from None
-    if data is None:
-        raise ConfigError(f"{path}: the config file is empty; copy one from configs/")
-    return data
+    """The parsed YAML file (hostile input refused with one line: capsctl/safe_yaml.py)."""
+    from capsctl.safe_yaml import read_yaml as read
+
+    return read(path)
 
 
-def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults < YAML file < overrides (``section.key=value``)."""
-    data = read_yaml(path) if path is not None else None
-    cfg = from_dict(data, source=str(path) if path else "config")
-    for text in overrides:
-        key, value = parse_override(text)
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+         root_flag: str | None = None) -> Config:
+    """Defaults < YAML file < overrides (``section.key=value``). ``--set model.name=...`` and
+    ``--set data.name=...`` pick the family and dataset before the file's keys are read.
+    ``root_flag`` (--data-root) is where a ``folder`` dataset's classes are looked up."""
+    source = str(path) if path else "config"
+    data = _mapping(read_yaml(path), source) if path is not None else {}
+    parsed = [parse_override(text) for text in overrides]
+    names = {k.split(".")[0]: v for k, v in parsed if k in ("model.name", "data.name")}
+    try:
+        model = _family(names["model"], "--set") if "model" in names else None
+        dataset = _dataset(names["data"], "--set") if "data" in names else None
+    except ConfigError as e:
+        raise ConfigError(str(e)) from None
+    cfg = _build(data, source, model, dataset)
+    for key, value in parsed:
+        if key in ("model.name", "data.name"):
+            continue
         try:
             set_key(cfg, key, value)
         except ConfigError as e:
             raise ConfigError(f"--set: {e}") from None
-    validate(cfg, "--set")
+    validate(cfg, "--set" if overrides else source, root_flag)
     return cfg
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    return {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}
 
 
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def reference() -> list[tuple[str, str, str]]:
-    """(key, default, meaning) for every config key: the README's config reference."""
+def _rows(section: str, cls: type) -> list[tuple[str, str, str]]:
     rows = []
-    for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
-                else f.default
-            shown = yaml.safe_dump(default, default_flow_style=True).strip()
-            rows.append((f"{section}.{f.name}", shown.removesuffix("...").strip(),
-                         f.metadata["help"]))
+    for f in dataclasses.fields(cls):
+        shown = yaml.safe_dump(default_of(f), default_flow_style=True).strip()
+        rows.append((f"{section}.{f.name}", shown.removesuffix("...").strip(),
+                     f.metadata["help"]))
     return rows
+
+
+def reference() -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """The README's config reference: (title, rows of (key, default, meaning)) per table - one
+    per model family, its loss, each dataset, then optim and train."""
+    tables = []
+    for name, spec in MODELS.items():
+        tables.append((f"model: {name} - {spec.summary}", _rows("model", spec.config)))
+        tables.append((f"loss: {name}", _rows("loss", spec.loss_config)))
+    for name in TRAINING:
+        tables.append((f"data: {name} - {DATASETS[name].summary}",
+                       _rows("data", DATASETS[name].options)))
+    tables.append(("optim", _rows("optim", OptimConfig)))
+    tables.append(("train", _rows("train", TrainConfig)))
+    return tables
+
+
+def reference_markdown() -> str:
+    """``reference()`` as Markdown: a heading and a table per section variant."""
+    out = []
+    for title, rows in reference():
+        out += [f"#### {title}", ""]
+        if not rows:
+            out += ["No keys: this loss has nothing to set.", ""]
+            continue
+        out += ["| key | default | meaning |", "| --- | --- | --- |"]
+        out += [f"| `{k}` | `{d}` | {h.replace('|', '/')} |" for k, d, h in rows]
+        out.append("")
+    return "\n".join(out)

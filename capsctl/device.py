@@ -1,18 +1,26 @@
-"""Device choice, precision (autocast) and process set-up shared by every command."""
+"""Device choice, precision (autocast) and process set-up shared by every command.
+
+torch is imported inside the functions that use it: the CLI calls tune_allocator() at start-up,
+also for `--help` and `capsctl config`, which must not load torch."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import sys
-
-import torch
+from typing import TYPE_CHECKING
 
 from capsctl.errors import CapsctlError
 
+if TYPE_CHECKING:
+    import torch
+
 
 def resolve(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is an error, not a fallback."""
+    """The torch.device for ``name``: ``auto`` picks CUDA when present; asking for CUDA without
+    it is an error, not a fallback."""
+    import torch
+
     name = (name or "auto").strip()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -31,6 +39,8 @@ def resolve(name: str) -> torch.device:
 
 def autocast(device: torch.device, precision: str):
     """bf16 autocast for the matmuls and convolutions; a no-op for fp32."""
+    import torch
+
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -58,6 +68,9 @@ def tune_allocator() -> bool:
 
 
 def describe(device: torch.device) -> str:
+    """``device`` in words: the CUDA device's name, or the CPU with its thread count."""
+    import torch
+
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
@@ -69,6 +82,8 @@ def compile_model(model, enabled: bool, warn):
     platform). Returns a callable with the model's forward signature."""
     if not enabled:
         return model
+    import torch
+
     try:
         compiled = torch.compile(model)
     except Exception as e:  # compile unavailable on this platform / build

@@ -3,15 +3,24 @@
 Why not ``torch.optim.Adam(fused=True)``? It runs the very same kernel, but constructing any
 ``torch.optim`` optimizer imports ``torch._dynamo`` (``add_param_group`` is wrapped to disable
 it), which costs about 150 MB of resident memory and 1.5 s of start-up on a CPU, a sixth of the
-paper model's whole training footprint at batch 100. This class calls the kernel directly and
-keeps torch.optim's ``state_dict`` format, so checkpoints move freely between the two (a
-checkpoint written by either resumes in the other, bit for bit). Where the kernel is missing
-(an older or unusual build), ``build`` returns ``torch.optim.Adam`` instead.
+paper model's whole training footprint at batch 100. This class calls the kernel,
+``torch._fused_adam_``, directly and keeps torch.optim's ``state_dict`` format, so checkpoints
+move freely between the two (a checkpoint written by either resumes in the other, bit for bit).
+
+``torch._fused_adam_`` is private: a torch release may drop it or change its signature. So
+``build`` probes it once per process (one Adam step on a one-element tensor, made by the very
+call ``FusedAdam.step`` makes, checked against Adam's closed-form first step) and returns
+``torch.optim.Adam(fused=True)`` - the same kernel behind torch's public API, the same numbers,
+the same state_dict - when the probe fails or ``CAPSCTL_FUSED_ADAM=0``.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+ENV_SWITCH = "CAPSCTL_FUSED_ADAM"  # "0": always torch.optim.Adam(fused=True)
 
 # the defaults torch.optim.Adam writes into every param group (kept for state_dict interchange)
 _GROUP_FLAGS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
@@ -63,13 +72,9 @@ class FusedAdam:
             beta1, beta2 = group["betas"]
             for ps in by_kind.values():
                 states = [self._state(p) for p in ps]
-                steps = [s["step"] for s in states]
-                torch._foreach_add_(steps, 1)
-                torch._fused_adam_(ps, [p.grad for p in ps], [s["exp_avg"] for s in states],
-                                   [s["exp_avg_sq"] for s in states], [], steps,
-                                   amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
-                                   weight_decay=group["weight_decay"], eps=group["eps"],
-                                   maximize=False, grad_scale=None, found_inf=None)
+                _fused_step(ps, [p.grad for p in ps], [s["exp_avg"] for s in states],
+                            [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+                            group["lr"], beta1, beta2, group["weight_decay"], group["eps"])
 
     def state_dict(self) -> dict:
         """torch.optim's layout: parameters numbered in group order."""
@@ -106,8 +111,46 @@ class FusedAdam:
                     "exp_avg_sq": s["exp_avg_sq"].to(device=p.device, dtype=p.dtype)}
 
 
+def _fused_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float, beta1: float,
+                beta2: float, weight_decay: float, eps: float) -> None:
+    """One Adam step in place on lists of same-device, same-dtype tensors: steps += 1, then
+    torch's fused kernel, called as torch.optim.Adam(fused=True) calls it."""
+    torch._foreach_add_(steps, 1)
+    torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr,
+                       beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                       maximize=False, grad_scale=None, found_inf=None)
+
+
+_probe: dict = {}  # "ok": whether torch._fused_adam_ takes _fused_step's call (kept)
+
+
+def fused_kernel_works() -> bool:
+    """Whether ``_fused_step`` runs on this torch and gives Adam's first step (p = 1, g = 1,
+    lr = 0.5: p becomes 0.5); probed once per process, on a one-element CPU tensor."""
+    if "ok" not in _probe:
+        p, g = torch.ones(1), torch.ones(1)
+        m, v, step = torch.zeros(1), torch.zeros(1), torch.zeros(())
+        try:
+            with torch.no_grad():
+                _fused_step([p], [g], [m], [v], [step], 0.5, 0.9, 0.999, 0.0, 1e-8)
+            _probe["ok"] = abs(float(p) - 0.5) < 1e-6 and float(step) == 1.0
+        except (AttributeError, TypeError, RuntimeError):  # missing, or its signature changed
+            _probe["ok"] = False
+    return _probe["ok"]
+
+
+def use_fused_adam() -> bool:
+    """``build``'s choice: FusedAdam unless ``CAPSCTL_FUSED_ADAM=0`` (read each call) or the
+    probe failed."""
+    switched_off = os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+    return not switched_off and fused_kernel_works()
+
+
 def build(params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
-    """FusedAdam where torch has the fused kernel, else torch.optim.Adam (same results)."""
-    if hasattr(torch, "_fused_adam_") and hasattr(torch, "_foreach_add_"):
+    """The trainer's Adam: FusedAdam where torch's fused kernel takes our call, else
+    torch.optim.Adam(fused=True) (the same kernel and numbers, the same state_dict, plus
+    torch._dynamo's import)."""
+    if use_fused_adam():
         return FusedAdam(params, lr, betas, eps, weight_decay)
-    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                            fused=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsctl.config import Config
+from capsctl.config import Config, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
@@ -46,20 +46,22 @@ def mnist_root() -> Path:
     return cache
 
 
+TINY_CAPSNET = {"conv1_channels": 8, "primary_types": 2, "primary_dim": 4, "class_dim": 6,
+                "decoder_hidden": [16, 32]}
+
+
 def tiny_config(**sections) -> Config:
-    """The paper architecture at tiny widths: runs a step in milliseconds on a CPU."""
-    cfg = Config()
-    m = cfg.model
-    m.conv1_channels, m.primary_types, m.primary_dim, m.class_dim = 8, 2, 4, 6
-    m.decoder_hidden = [16, 32]
-    cfg.train.batch_size, cfg.train.eval_batch_size = 16, 64
-    cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.checkpoint_minutes = 2, 0, 0.0
-    cfg.train.images_every_epoch = False
-    cfg.data.val_size = 32
-    for section, values in sections.items():
-        for k, v in values.items():
-            setattr(getattr(cfg, section), k, v)
-    return cfg
+    """The paper architecture at tiny widths: runs a step in milliseconds on a CPU. Keyword
+    arguments are sections of keys (``model={"routing_iterations": 1}``); a ``model`` or
+    ``data`` section may pick another family or dataset by ``name`` (the tiny CapsNet widths
+    then do not apply)."""
+    model = dict(sections.pop("model", {}))
+    base_model = TINY_CAPSNET if model.get("name", "capsnet") == "capsnet" else {}
+    data = {"val_size": 32, **sections.pop("data", {})}
+    train = {"batch_size": 16, "eval_batch_size": 64, "log_every": 2, "checkpoint_every": 0,
+             "checkpoint_minutes": 0.0, "images_every_epoch": False, **sections.pop("train", {})}
+    raw = {"model": {**base_model, **model}, "data": data, "train": train, **sections}
+    return from_dict(raw, source="tiny_config")
 
 
 @pytest.fixture

@@ -17,14 +17,16 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from capsctl import checkpoint, data as data_mod
+import capsctl.data.build as data_mod
+from capsctl import checkpoint
 from capsctl.cli import app
 from capsctl.config import ConfigError, from_dict, to_dict
 from capsctl.data import affnist, mnist
 from capsctl.data.augment import place
+from capsctl.data.registry import SINGLE
 from capsctl.errors import CapsctlError, DataError
 from capsctl.models import build_model
-from capsctl.train import train
+from capsctl.training import train
 from conftest import tiny_config, write_fake_mnist, write_idx
 
 CPU = torch.device("cpu")
@@ -32,15 +34,14 @@ runner = CliRunner()
 
 
 def cfg40(**model):
-    cfg = tiny_config()
-    cfg.model.input_size = 40
-    for k, v in model.items():
-        setattr(cfg.model, k, v)
+    """A tiny 40x40 model trained on expanded MNIST (data.shift 6: anywhere on the canvas)."""
+    cfg = tiny_config(model={"input_size": 40, **model}, data={"name": "expanded-mnist"})
+    assert (cfg.data.name, cfg.data.shift) == ("expanded-mnist", 6)
     return cfg
 
 
 def tiny_cnn40():
-    return cfg40(name="cnn", cnn_channels=[4, 4], cnn_pool=[2, 2], cnn_hidden=[16])
+    return cfg40(name="cnn", channels=[4, 4], pool=[2, 2], hidden=[16])
 
 
 def all_images(source, batch_size=7):
@@ -93,7 +94,7 @@ def _write_batches(folder, sizes, seed=0):
 def test_batches_folder_and_single_file_layouts(tmp_path):
     images, labels = _write_batches(tmp_path / "affnist" / "test_batches", [10, 3, 8])
     source = data_mod.build_eval("affnist", "test", cfg40(), CPU, str(tmp_path))
-    assert source.name == "affnist" and len(source) == 21
+    assert source.name == "affnist" and len(source) == 21 and source.task == SINGLE
     x, y = all_images(source, batch_size=4)
     assert x.shape == (21, 1, 40, 40) and x.dtype == torch.float32
     assert np.array_equal((x[:, 0] * 255).round().byte().numpy(), images)
@@ -303,9 +304,8 @@ def _offsets(x_B1HW):
 
 def test_expanded_mnist_placement_bounds(square_mnist):
     cfg = cfg40()
-    cfg.data.dataset, cfg.data.shift = "expanded-mnist", 6
     bundle = data_mod.build(cfg, CPU, str(square_mnist))
-    assert bundle.input_size == 40
+    assert bundle.input_size == 40 and bundle.task == SINGLE
     stream = bundle.train
     spe = stream.steps_per_epoch
     per_epoch = []
@@ -336,18 +336,26 @@ def test_expanded_mnist_placement_bounds(square_mnist):
 def test_image_size_mismatch_is_one_line(tmp_path, fake_mnist):
     with pytest.raises(DataError) as e:
         data_mod.build_eval("affnist", "test", tiny_config(), CPU, str(tmp_path))
-    assert "28x28" in one_line(e) and "40x40" in str(e.value)
+    msg = one_line(e)
+    assert "affnist makes 40x40 images but model.input_size is 28" in msg
+    assert "this model can be evaluated on mnist" in msg and "affnist-synth" not in msg
     with pytest.raises(DataError) as e:
         data_mod.build_eval("mnist", "test", cfg40(), CPU, str(fake_mnist))
-    assert "expanded-mnist" in one_line(e)
+    msg = one_line(e)
+    assert "mnist makes 28x28 images but model.input_size is 40" in msg
+    fits = msg.split("this model can be evaluated on ", 1)[1].split(", ")
+    assert {"expanded-mnist", "affnist", "affnist-synth"} <= set(fits) and "mnist" not in fits
     with pytest.raises(DataError) as e:
         data_mod.build_eval("nope", "test", cfg40(), CPU, str(fake_mnist))
-    assert "affnist-synth" in one_line(e)
-    with pytest.raises(ConfigError):
-        from_dict({"data": {"dataset": "expanded-mnist"}})  # model.input_size left at 28
-    with pytest.raises(ConfigError):
-        from_dict({"data": {"dataset": "expanded-mnist", "shift": 7},
+    assert "unknown dataset 'nope'" in one_line(e) and "affnist-synth" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        from_dict({"data": {"name": "expanded-mnist"}, "model": {"input_size": 28}})
+    assert "dataset expanded-mnist makes 40x40 images but model.input_size is 28" in one_line(e)
+    with pytest.raises(ConfigError) as e:
+        from_dict({"data": {"name": "expanded-mnist", "shift": 7},
                    "model": {"input_size": 40}})
+    assert "'data.shift' must be <= 6" in one_line(e)
+    assert from_dict({"data": {"name": "expanded-mnist"}}).model.input_size == 40  # followed
 
 
 # --- trainer: early stopping and final evaluation ----------------------------------------------
@@ -357,7 +365,6 @@ def test_early_stop_and_final_eval(tmp_path):
     affnist.write_synth(root / "affnist-synth", *mnist.load_split(root, "test"), per_digit=1,
                         seed=0, ranges=affnist.SynthRanges())
     cfg = tiny_cnn40()
-    cfg.data.dataset, cfg.data.shift = "expanded-mnist", 6
     cfg.train.epochs, cfg.train.target_val_accuracy = 3, 0.01
     cfg.train.final_eval = ["affnist-synth", "affnist"]
     text = io.StringIO()
@@ -389,7 +396,6 @@ def test_eval_two_checkpoints_into_one_table(tmp_path):
                         ranges=affnist.SynthRanges())
     paths = []
     for name, cfg in (("capsnet", cfg40()), ("cnn", tiny_cnn40())):
-        cfg.data.dataset, cfg.data.shift = "expanded-mnist", 6
         torch.manual_seed(1)
         model = build_model(cfg.model)
         paths.append(tmp_path / f"{name}.pt")

@@ -24,8 +24,7 @@ from typer.testing import CliRunner
 
 from capsctl import checkpoint
 from capsctl.cli import app
-from capsctl.config import to_dict
-from capsctl.train import prepare_run_dir, train
+from capsctl.training import prepare_run_dir, train
 from conftest import tiny_config, write_fake_mnist, write_idx
 
 TINY_YAML = """\
@@ -202,7 +201,8 @@ CASES = [
     ("data-truncated", ["train", "{w}/tiny.yaml", "--run-dir", "{w}/runs", "--name", "d3",
                         "--data-root", "{w}/data/truncated"], "truncated or corrupt"),
     ("data-bad-gzip", ["train", "{w}/tiny.yaml", "--run-dir", "{w}/runs", "--name", "d4",
-                       "--data-root", "{w}/data/badgzip"], "cannot read IDX file"),
+                       "--data-root", "{w}/data/badgzip"],
+     "train-labels-idx1-ubyte.gz: cannot read (EOFError"),
     ("data-count", ["train", "{w}/tiny.yaml", "--run-dir", "{w}/runs", "--name", "d5",
                     "--data-root", "{w}/data/count"], "256 images but 255 labels"),
     ("data-labels", ["train", "{w}/tiny.yaml", "--run-dir", "{w}/runs", "--name", "d6",
@@ -251,6 +251,27 @@ CASES = [
     ("cuda-eval", ["eval", "{w}/runs/ok", "--device", "cuda:0"], "CUDA is not available"),
     ("device-typo", ["eval", "{w}/runs/ok", "--device", "gpu"], "expected auto, cpu, cuda"),
     ("eval-split", ["eval", "{w}/runs/ok", "--split", "train"], "expected test or val"),
+    ("bench-threads", ["bench", "{w}/tiny.yaml", "--threads", "-1"], "--threads >= 0"),
+    # --name is a name: a path would put the run folder outside --run-dir
+    ("name-parent", TRAIN + ["{w}/tiny.yaml", "--name", ".."], "'..': a run name, not a path"),
+    ("name-dot", TRAIN + ["{w}/tiny.yaml", "--name", "."], "'.': a run name, not a path"),
+    ("name-slash", TRAIN + ["{w}/tiny.yaml", "--name", "a/b"], "'a/b': a run name, not a path"),
+    ("name-up-and-out", TRAIN + ["{w}/tiny.yaml", "--name", "../escaped"], "not a path"),
+    ("name-absolute", TRAIN + ["{w}/tiny.yaml", "--name", "{w}/elsewhere"], "not a path"),
+    ("name-backslash", TRAIN + ["{w}/tiny.yaml", "--name", "a\\b"], "not a path"),
+    ("name-empty", TRAIN + ["{w}/tiny.yaml", "--name", ""], "not a path"),
+    # option parsing (click): one line and a --help hint instead of the usage block
+    ("option-not-int", ["eval", "{w}/runs/ok", "--limit", "abc"],
+     "error: Invalid value for '--limit'"),
+    ("option-unknown", ["eval", "{w}/runs/ok", "--limti", "3"],
+     "No such option: --limti"),
+    ("argument-missing", ["eval"], "Missing argument 'checkpoints'; see 'capsctl eval --help'"),
+    ("option-no-value", TRAIN + ["{w}/tiny.yaml", "--name"], "'--name' requires an argument"),
+    ("command-unknown", ["evaluate", "{w}/runs/ok"],
+     "No such command 'evaluate'"),
+    ("root-option-unknown", ["--verbose", "eval"], "No such option: --verbose"),
+    ("subgroup-option", ["data", "affnist-synth", "--per-digit", "two"],
+     "see 'capsctl data affnist-synth --help'"),
 ]
 
 
@@ -284,7 +305,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, work, monkeypatc
 
 
 # a few cases as real processes on a narrow terminal: warnings or wrapping would add lines
-REAL = ["unknown-key", "data-truncated", "ckpt-exec-raw", "ckpt-newer"]
+REAL = ["unknown-key", "data-truncated", "ckpt-exec-raw", "ckpt-newer", "option-not-int",
+        "name-parent"]
 
 
 @pytest.fixture(scope="module")

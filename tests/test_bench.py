@@ -1,5 +1,6 @@
-"""capsctl bench on a tiny model: every phase and field is measured and printed; models without
-Conv1 + PrimaryCaps get no bound; torch.compile falls back with one warning."""
+"""capsctl bench on a tiny model: every phase and field is measured and printed; the train phase
+is the trainer's own step; models without Conv1 + PrimaryCaps get no bound; torch.compile falls
+back with one warning."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 from capsctl import bench
 from capsctl.cli import app
 from capsctl.device import compile_model, resolve
+from capsctl.training import lr_at
 from conftest import tiny_config
 
 runner = CliRunner()
@@ -57,6 +59,23 @@ def test_bench_table_prints_every_field():
                   "train / conv-only bound:", "by CPU time", "bf16", f"torch {torch.__version__}",
                   "threads", "compile off", "resident before the first step"):
         assert field in text, field
+
+
+def test_bench_times_the_trainers_own_step_with_its_learning_rate(monkeypatch):
+    real, lrs = bench.train_step, []
+
+    def spy(step_model, opt, batch, task, losses_of, lr, step, *rest):
+        lrs.append(lr)
+        assert opt.param_groups[0]["lr"] != lr or step == 0
+        out = real(step_model, opt, batch, task, losses_of, lr, step, *rest)
+        assert opt.param_groups[0]["lr"] == lr       # set by the step itself
+        return out
+
+    monkeypatch.setattr(bench, "train_step", spy)
+    cfg = tiny_config(optim={"lr_decay": 0.5, "lr_decay_steps": 1})
+    bench.run(cfg, resolve("cpu"), batch_size=4, large_batch=8, steps=2, warmup=1)
+    assert lrs == [lr_at(cfg, step) for step in range(3)]    # 1 warm-up + 2 timed steps
+    assert lrs[0] > lrs[1] > lrs[2]
 
 
 def test_bench_reports_no_bound_for_a_model_without_primary_capsules(monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from capsctl.config import Config
+from capsctl.config import from_dict
 from capsctl.models import build_model, count_parameters
 from capsctl.models.capsules import PrimaryCaps, RoutedCapsules, route, squash
 from capsctl.models.losses import capsnet_losses, margin_loss, reconstruction_sse
@@ -95,7 +95,7 @@ def test_gradients_flow_through_the_agreement():
 
 
 def test_parameter_count_of_the_paper_model():
-    cfg = Config()
+    cfg = from_dict({})                              # the defaults: the paper's model on MNIST
     assert count_parameters(build_model(cfg.model)) == 8_215_568
     cfg.model.decoder = False
     assert count_parameters(build_model(cfg.model)) == 6_804_224
@@ -135,7 +135,7 @@ def test_reconstruction_and_total_scaling():
     x = torch.zeros(2, 1, 2, 2)
     recon = torch.tensor([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0]])
     assert torch.allclose(reconstruction_sse(recon, x), torch.tensor([1.0, 0.5]))
-    cfg = Config().loss
+    cfg = from_dict({}).loss
     out = {"scores": torch.tensor([[0.9, 0.0], [0.9, 0.0]]), "recon": recon}
     losses = capsnet_losses(out, {"x": x, "y": torch.tensor([0, 0])}, cfg)
     assert torch.isclose(losses["margin"], torch.tensor(0.0))

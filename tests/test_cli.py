@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -96,3 +97,67 @@ def test_version_and_config_reference():
     assert r.exit_code == 0 and r.stdout.startswith("capsctl ")
     r = cli("config", "--reference")
     assert "`train.batch_size`" in r.stdout and "`model.routing_iterations`" in r.stdout
+
+
+def test_usage_errors_are_one_line_with_a_help_hint():
+    for args, needle in [(["eval", "x.pt", "--limit", "abc"], "Invalid value for '--limit'"),
+                         (["eval", "x.pt", "--nope"], "No such option: --nope"),
+                         (["eval"], "Missing argument 'checkpoints'")]:
+        r = cli(*args)
+        one_line_error(r, needle)
+        assert r.stderr.startswith("error: ") and "see 'capsctl eval --help'" in r.stderr
+        assert "Usage:" not in r.output
+
+
+def test_name_is_a_name_not_a_path(tmp_path, fake_mnist):
+    for name in ("..", "../outside", "a/b", str(tmp_path / "abs"), "."):
+        one_line_error(cli("train", REPO / "configs/mnist-quick.yaml", "--run-dir",
+                           tmp_path / "runs", "--name", name, "--data-root", fake_mnist,
+                           "--no-progress", *TINY), "a run name, not a path")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "outside").exists()
+
+
+def _strict(constant):
+    raise AssertionError(f"invalid JSON constant {constant} on stdout")
+
+
+def test_eval_json_writes_non_finite_numbers_as_null(monkeypatch):
+    import capsctl.evaluate
+
+    row = {"checkpoint": "x.pt", "dataset": "mnist", "split": "test", "n": 0,
+           "accuracy": float("nan"), "error": float("inf"), "extra": [float("-inf"), 0.5]}
+    monkeypatch.setattr(capsctl.evaluate, "evaluate_checkpoints", lambda *a, **k: [row])
+    r = cli("eval", "x.pt", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout, parse_constant=_strict)
+    assert result["accuracy"] is None and result["error"] is None
+    assert result["extra"] == [None, 0.5] and result["n"] == 0
+
+
+def test_bench_threads_sets_torch_threads():
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1
+    try:
+        r = cli("bench", "--set", "model.conv1_channels=8", "--set", "model.primary_types=2",
+                "--set", "model.primary_dim=4", "--set", "model.class_dim=6",
+                "--set", "model.decoder_hidden=[16,32]", "--device", "cpu", "--batch-size", "4",
+                "--large-batch", "8", "--steps", "1", "--warmup", "0", "--threads", wanted,
+                "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["threads"] == wanted
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["eval", "--limit", "x", "y.pt"]])
+def test_python_dash_m_capsctl_runs_the_cli(argv):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "capsctl", *argv], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    if argv == ["--version"]:
+        assert r.returncode == 0 and r.stdout.startswith("capsctl ")
+    else:
+        assert r.returncode == 2 and r.stderr.count("\n") == 1
+        assert r.stderr.startswith("error: ") and "see 'python -m capsctl eval --help'" in r.stderr

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from capsctl.config import ConfigError, from_dict, load
-from capsctl.models import LOSSES, build_model, count_parameters, loss_fn
+from capsctl.data.registry import SINGLE
+from capsctl.models import MODELS, build_model, count_parameters, loss_fn
 from capsctl.models.cnn import CNN
 from conftest import REPO, tiny_config
 
@@ -40,11 +41,10 @@ def test_affnist_cnn_matches_the_40x40_capsnet_size():
 
 
 def tiny_cnn(size=28, pool=(), dropout=0.5):
-    cfg = tiny_config()
-    m = cfg.model
-    m.name, m.input_size, m.cnn_channels, m.cnn_hidden = "cnn", size, [4, 6], [12, 8]
-    m.cnn_pool, m.dropout = list(pool), dropout
-    return cfg
+    """A tiny cnn on MNIST (28) or expanded MNIST (40)."""
+    return tiny_config(model={"name": "cnn", "input_size": size, "channels": [4, 6],
+                              "hidden": [12, 8], "pool": list(pool), "dropout": dropout},
+                       data={"name": "mnist" if size == 28 else "expanded-mnist"})
 
 
 @pytest.mark.parametrize("size,pool,features", [(28, (), 6 * 28 * 28), (40, (2, 2), 6 * 10 * 10),
@@ -66,11 +66,11 @@ def test_shapes_pooling_and_dropout(size, pool, features):
 
 def test_cross_entropy_loss_and_gradients():
     cfg = tiny_cnn()
-    assert "cnn" in LOSSES
+    assert MODELS["cnn"].losses == {SINGLE: "capsctl.models.cnn:cnn_losses"}
     model = build_model(cfg.model)
     batch = {"x": torch.rand(6, 1, 28, 28), "y": torch.tensor([0, 1, 2, 3, 4, 5])}
     out = model(batch["x"], batch["y"])
-    losses = loss_fn(cfg)(out, batch)
+    losses = loss_fn(cfg, SINGLE)(out, batch)
     assert set(losses) == {"cross_entropy", "total"}
     assert torch.allclose(losses["total"], F.cross_entropy(out["scores"], batch["y"]))
     losses["total"].backward()
@@ -78,10 +78,13 @@ def test_cross_entropy_loss_and_gradients():
 
 
 def test_bad_pooling_is_a_config_error():
-    base = {"model": {"name": "cnn", "cnn_channels": [4, 4]}}
+    base = {"model": {"name": "cnn", "channels": [4, 4]}}
     with pytest.raises(ConfigError, match="one window per conv"):
-        from_dict({**base, "model": {**base["model"], "cnn_pool": [2]}})
+        from_dict({**base, "model": {**base["model"], "pool": [2]}})
     with pytest.raises(ConfigError, match="to nothing"):
-        from_dict({**base, "model": {**base["model"], "cnn_pool": [8, 8]}})
-    with pytest.raises(ConfigError, match=">= 1"):
-        from_dict({**base, "model": {**base["model"], "cnn_pool": [0, 1]}})
+        from_dict({**base, "model": {**base["model"], "pool": [8, 8]}})
+    with pytest.raises(ConfigError, match=r"'model.pool\[0\]' must be >= 1"):
+        from_dict({**base, "model": {**base["model"], "pool": [0, 1]}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.cnn_pool' \(did you mean "
+                                          r"'model.pool'\?\)"):
+        from_dict({"model": {"name": "cnn", "cnn_pool": [2, 2, 1]}})

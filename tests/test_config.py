@@ -54,6 +54,11 @@ def test_paper_config_is_the_paper(repo_configs=None):
     ("train:\n  epochs: [1\n", "YAML syntax error at line"),
     ("model:\n  input_size: 12\n", "too small"),
     ("loss:\n  m_minus: 0.95\n", "must be below"),
+    ("data:\n  dataset: mnist\n", "data.dataset is now data.name"),
+    ("model:\n  name: capsnett\n", "did you mean 'capsnet'"),
+    ("data:\n  name: affnist\n", "an evaluation-only dataset"),
+    ("model:\n  name: em-capsnet\n  em_iterations: 2\n", "did you mean 'model.iterations'"),
+    ("model:\n  name: cnn\n  routing_iterations: 2\n", "(it belongs to capsnet)"),
 ])
 def test_bad_yaml_names_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError) as e:
@@ -82,6 +87,21 @@ def test_bad_overrides(override, needle):
     assert needle in str(e.value)
 
 
+def test_set_picks_the_family_and_dataset_first(tmp_path):
+    """--set model.name / data.name choose the sections before the file's keys are read."""
+    p = write(tmp_path, "model:\n  iterations: 2\nloss:\n  m_steps: 5\n")
+    cfg = C.load(p, ["model.name=em-capsnet", "data.name=smallnorb", "model.input_size=32",
+                     "model.num_classes=5"])
+    assert cfg.model.name == "em-capsnet" and cfg.model.iterations == 2
+    assert cfg.loss.m_steps == 5 and cfg.data.name == "smallnorb"
+    with pytest.raises(ConfigError) as e:
+        C.set_key(cfg, "model.name", "cnn")
+    assert "'model.name' cannot change" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        C.set_key(cfg, "data.name", "mnist")
+    assert "'data.name' cannot change" in str(e.value)
+
+
 def test_set_values_are_yaml_scalars():
     cfg = C.load(None, ["train.compile=true", "optim.lr=1e-4", "data.root=null", "train.seed=7"])
     assert cfg.train.compile is True and cfg.optim.lr == 1e-4
@@ -95,6 +115,26 @@ def test_round_trip_through_dict():
 
 
 def test_reference_covers_every_key():
-    keys = [k for k, _, _ in C.reference()]
-    assert keys == C.all_keys()
-    assert all(h for _, _, h in C.reference())
+    """One table per model family, per family's loss, per training dataset, then optim and
+    train; each lists exactly its dataclass's fields, in order, each with a meaning."""
+    from capsctl.data.registry import DATASETS, TRAINING
+    from capsctl.fields import field_names
+    from capsctl.models.registry import MODELS
+
+    expected = []
+    for name, spec in MODELS.items():
+        expected.append((f"model: {name}", "model", spec.config))
+        expected.append((f"loss: {name}", "loss", spec.loss_config))
+    expected += [(f"data: {n}", "data", DATASETS[n].options) for n in TRAINING]
+    expected += [("optim", "optim", C.OptimConfig), ("train", "train", C.TrainConfig)]
+    tables = C.reference()
+    assert len(tables) == len(expected)
+    for (title, rows), (prefix, section, cls) in zip(tables, expected):
+        assert title.startswith(prefix), (title, prefix)
+        assert [k for k, _, _ in rows] == [f"{section}.{k}" for k in field_names(cls)], title
+        assert all(h for _, _, h in rows), title
+    text = C.reference_markdown()
+    for title, rows in tables:
+        assert f"#### {title}" in text
+        assert all(f"| `{k}` |" in text for k, _, _ in rows)
+    assert C.SECTIONS == ("model", "loss", "data", "optim", "train")

@@ -3,20 +3,29 @@ raise is ConfigError (one line for the user), never a crash."""
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from pathlib import Path
 
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from capsctl.config import SECTIONS, Config, ConfigError, from_dict, load, parse_override
+from capsctl.config import (SECTIONS, Config, ConfigError, OptimConfig, TrainConfig, from_dict,
+                            load, parse_override)
+from capsctl.data.registry import DATASETS, TRAINING
+from capsctl.fields import field_names
+from capsctl.models.registry import MODELS
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=False,
                     suppress_health_check=[HealthCheck.too_slow])
 
-KEYS = {s: [f.name for f in dataclasses.fields(cls)] for s, cls in SECTIONS.items()}
+# every key of every family, loss and dataset: the fuzzer mixes keys of different families
+KEYS = {"model": sorted({k for s in MODELS.values() for k in field_names(s.config)}),
+        "loss": sorted({k for s in MODELS.values() for k in field_names(s.loss_config)}),
+        "data": sorted({k for n in TRAINING for k in field_names(DATASETS[n].options)}),
+        "optim": field_names(OptimConfig), "train": field_names(TrainConfig)}
+assert list(KEYS) == list(SECTIONS)
 ALL_KEYS = [f"{s}.{k}" for s, ks in KEYS.items() for k in ks]
+NAMES = [*MODELS, *DATASETS]
 
 scalars = st.one_of(
     st.none(), st.booleans(),
@@ -24,6 +33,7 @@ scalars = st.one_of(
     st.integers(min_value=10**300, max_value=10**400),           # beyond any float
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
+    st.sampled_from(NAMES),
     st.sampled_from(["capsnet", "mnist", "fp32", "bf16", "auto", "cuda:x", "1e-3", "nan", "inf",
                      "-0", "1_000", "[/]", "stop", "skip", "", "~"]),
 )
@@ -62,6 +72,18 @@ def test_from_dict_raises_only_config_error(doc):
                        min_size=1, max_size=5))
 def test_valid_keys_random_values(doc):
     only_config_errors(from_dict, doc)
+
+
+@SETTINGS
+@given(st.sampled_from(list(MODELS)), st.sampled_from(list(TRAINING)),
+       st.dictionaries(st.sampled_from(KEYS["model"]), values, max_size=4),
+       st.dictionaries(st.sampled_from(KEYS["loss"]), values, max_size=3),
+       st.dictionaries(st.sampled_from(KEYS["data"]), values, max_size=3))
+def test_every_family_and_dataset_with_any_keys(model, dataset, m, lo, d):
+    """Each family and dataset, with keys of any family (its own or another's) set to anything."""
+    doc = {"model": {**m, "name": model}, "loss": lo, "data": {**d, "name": dataset}}
+    cfg = only_config_errors(from_dict, doc)
+    assert cfg is None or (cfg.model.name, cfg.data.name) == (model, dataset)
 
 
 def _load_text(text: str | bytes):
@@ -116,7 +138,10 @@ def test_random_overrides(pairs):
 def test_the_fuzzer_reaches_the_checks():
     """Sanity: a few hand-picked documents the strategies also produce are rejected."""
     for doc in ([1], {"model": "x"}, {"train": {"epochs": 0}}, {"optim": {"lr": 10**400}},
-                {"nope": {}}, {"train": {"seed": True}}):
+                {"nope": {}}, {"train": {"seed": True}}, {"model": {"name": 3}},
+                {"model": {"name": "cnn", "class_dim": 4}}, {"data": {"name": "affnist"}},
+                {"data": {"dataset": "mnist"}}, {"loss": {"m_start": 0.1}},
+                {"model": {"name": []}}, {"data": {"name": {"a": 1}}}):  # found by the fuzzer
         try:
             from_dict(doc)
         except ConfigError:

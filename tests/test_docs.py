@@ -9,9 +9,23 @@ from conftest import REPO
 README = (REPO / "README.md").read_text()
 
 
+START, END = "<!-- config-reference:start (make readme) -->", "<!-- config-reference:end -->"
+
+
 def test_every_config_key_is_in_the_readme():
-    missing = [k for k in config.all_keys() if f"`{k}`" not in README]
+    """Every key of every table (each family, its loss, each dataset, optim, train)."""
+    missing = [(title, k) for title, rows in config.reference() for k, _, _ in rows
+               if f"`{k}`" not in README]
     assert not missing, f"run `make readme`; undocumented keys: {missing}"
+    missing = [title for title, _ in config.reference() if f"#### {title}" not in README]
+    assert not missing, f"run `make readme`; tables missing: {missing}"
+
+
+def test_readme_reference_is_the_generated_one():
+    """The section between the markers is exactly what `make readme` writes (defaults and help
+    text included), so a changed default or help line shows up here."""
+    section = README[README.index(START) + len(START):README.index(END)]
+    assert section.strip() == config.reference_markdown().strip(), "run `make readme`"
 
 
 def test_every_command_is_in_the_readme():

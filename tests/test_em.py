@@ -3,6 +3,7 @@ geometry, the spread loss, and a tiny train + eval run through the real trainer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,10 +11,11 @@ import pytest
 import torch
 
 from capsctl.config import from_dict
+from capsctl.data.registry import SINGLE
 from capsctl.errors import ConfigError
-from capsctl.models import LOSSES, MODELS, build_model
-from capsctl.models.em_capsnet import (ClassCaps, EMCapsNet, coordinate_offsets, grid_sizes,
-                                       patch_child_index, spread_loss, spread_margin)
+from capsctl.models import MODELS, build_model, loss_fn
+from capsctl.models.em_capsnet import (ClassCaps, EMCapsNet, coordinate_offsets, em_losses,
+                                       grid_sizes, patch_child_index, spread_loss, spread_margin)
 from capsctl.models.em_routing import (PatchSoftmax, e_step_logits, em_routing,
                                        inverse_temperatures, m_step)
 from conftest import tiny_config
@@ -33,10 +35,10 @@ def one_thread():
 
 def em_config(**model):
     """A tiny em-capsnet config (types 4/3/3, no decoder) on top of the tiny trainer settings."""
-    base = {"name": "em-capsnet", "em_conv1_channels": 8, "em_primary_types": 4,
-            "em_caps1_types": 3, "em_caps2_types": 3, "decoder": False}
+    base = {"name": "em-capsnet", "conv1_channels": 8, "primary_types": 4,
+            "caps1_types": 3, "caps2_types": 3, "decoder": False}
     base.update(model)
-    return tiny_config(model=base, loss={"recon_weight": 0.0, "spread_m_steps": 20})
+    return tiny_config(model=base, loss={"recon_weight": 0.0, "m_steps": 20})
 
 
 # --- the E and M steps against a two-child / two-parent example worked by hand -------------
@@ -215,18 +217,24 @@ def test_spread_loss_values_and_margin_schedule():
     assert spread_margin(1000, 0.2, 0.9, 100) == pytest.approx(0.9)
     assert spread_margin(0, 0.2, 0.9, 0) == pytest.approx(0.9)
     cfg = em_config()
+    assert MODELS["em-capsnet"].losses == {SINGLE: "capsctl.models.em_capsnet:em_losses"}
     out, batch = {"scores": a}, {"y": y, "x": torch.zeros(2, 1, 28, 28)}
-    early, late = LOSSES["em-capsnet"](out, batch, cfg, 0), LOSSES["em-capsnet"](out, batch,
-                                                                                 cfg, 20)
+    early, late = em_losses(out, batch, cfg.loss, 0), em_losses(out, batch, cfg.loss, 20)
     assert early["total"].item() == pytest.approx((0.15 ** 2 + 0.7 ** 2) / 2)
     assert late["spread"].item() > early["spread"].item()
+    bound = loss_fn(cfg, SINGLE)                      # the registry's loss, config bound
+    assert bound(out, batch, 0)["total"].item() == pytest.approx(early["total"].item())
+    assert bound(out, batch, 20)["spread"].item() == pytest.approx(late["spread"].item())
 
 
 @pytest.mark.parametrize("side,grid", [(28, 3), (32, 4), (40, 6)])
 def test_output_shapes(side, grid):
-    cfg = em_config(input_size=side, decoder=True, decoder_hidden=[8])
-    model = build_model(cfg.model)
-    assert isinstance(model, EMCapsNet) and MODELS["em-capsnet"] is EMCapsNet
+    # the model section alone: any side the geometry allows, whatever dataset makes it
+    m = dataclasses.replace(em_config(decoder=True, decoder_hidden=[8]).model, input_size=side)
+    m.check("test")
+    model = build_model(m)
+    assert isinstance(model, EMCapsNet)
+    assert MODELS["em-capsnet"].module == "capsctl.models.em_capsnet:EMCapsNet"
     assert grid_sizes(side)[-1] == grid and model.routing_layout == (3, grid, grid)
     x = torch.rand(2, 1, side, side)
     out = model(x, torch.tensor([1, 2]), keep_routing=True)
@@ -256,11 +264,12 @@ def test_recon_masks_label_in_training_and_prediction_at_eval():
 def test_config_checks():
     with pytest.raises(ConfigError, match="at least 17"):
         from_dict({"model": {"name": "em-capsnet", "input_size": 16}})
-    with pytest.raises(ConfigError, match="input_size=32"):
-        from_dict({"model": {"name": "em-capsnet"}, "data": {"dataset": "smallnorb"}})
-    with pytest.raises(ConfigError, match="spread_m_start"):
+    with pytest.raises(ConfigError, match="set model.input_size=32"):
+        from_dict({"model": {"name": "em-capsnet", "input_size": 28},
+                   "data": {"name": "smallnorb"}})
+    with pytest.raises(ConfigError, match=r"loss.m_start \(0.9\) must not exceed"):
         from_dict({"model": {"name": "em-capsnet"},
-                   "loss": {"spread_m_start": 0.9, "spread_m_end": 0.2}})
+                   "loss": {"m_start": 0.9, "m_end": 0.2}})
     for name in ("mnist-em", "mnist-em-small", "smallnorb-em"):
         from capsctl.config import load
         assert load(f"configs/{name}.yaml").model.name == "em-capsnet"
@@ -270,7 +279,7 @@ def test_config_checks():
 
 def test_tiny_train_and_eval(tmp_path, fake_mnist):
     from capsctl.evaluate import evaluate_checkpoints
-    from capsctl.train import prepare_run_dir, train
+    from capsctl.training import prepare_run_dir, train
 
     cfg = em_config()
     cfg.optim.lr = 0.01
@@ -287,7 +296,7 @@ def test_tiny_train_and_eval(tmp_path, fake_mnist):
     assert result["model"] == "em-capsnet" and result["n"] == 64
     assert result["accuracy"] == pytest.approx(summary["test_accuracy"])
     # capsctl routes draws the class layer's R per iteration on the ConvCaps2 grid
-    from capsctl.visualize import run_routes
+    from capsctl.inspect.commands import run_routes
 
     r = run_routes(best, index=3, out=str(tmp_path / "routes.png"), no_tb=True, device="cpu",
                    data_root=str(fake_mnist))

@@ -23,9 +23,8 @@ import pytest
 import torch
 
 from capsctl import checkpoint
-from capsctl import train as train_mod
 from capsctl.errors import TrainingError
-from capsctl.train import prepare_run_dir, train
+from capsctl.training import loop, prepare_run_dir, train
 from conftest import tiny_config, write_fake_mnist
 
 pytestmark = pytest.mark.slow
@@ -221,7 +220,7 @@ def test_two_ctrl_c_during_one_long_native_call_still_exit_at_once(tmp_path):
     script = tmp_path / "two_sigints.py"
     script.write_text(textwrap.dedent("""
         import os, signal, threading, time, torch
-        from capsctl.train import SignalStop
+        from capsctl.training.signals import SignalStop
         a = torch.randn(3000, 3000)
         with SignalStop():
             def fire():
@@ -281,10 +280,10 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, fake_mnist, monkeypat
 
 def _poisoned_losses(monkeypatch, bad_steps: set[int]) -> None:
     """Make the loss of the given steps NaN (still differentiable)."""
-    real = train_mod.make_loss_fn
+    real = loop.loss_fn
 
-    def make(cfg):
-        fn = real(cfg)
+    def make(cfg, task):
+        fn = real(cfg, task)
 
         def losses(out, batch, step):
             result = fn(out, batch, step)
@@ -293,7 +292,7 @@ def _poisoned_losses(monkeypatch, bad_steps: set[int]) -> None:
             return result
         return losses
 
-    monkeypatch.setattr(train_mod, "make_loss_fn", make)
+    monkeypatch.setattr(loop, "loss_fn", make)
 
 
 def test_nonfinite_stop_is_the_default_and_names_step_and_terms(tmp_path, fake_mnist,

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from capsctl import data as data_mod
-from capsctl.config import Config
+from capsctl.config import from_dict
+from capsctl.data.build import build
 from capsctl.models import build_model, loss_fn
 
 
 def test_paper_model_learns_real_mnist(mnist_root):
     torch.manual_seed(0)
-    cfg = Config()                                   # the paper's model, loss and optimiser
-    cfg.train.batch_size = 64
-    bundle = data_mod.build(cfg, torch.device("cpu"), str(mnist_root))
+    cfg = from_dict({"train": {"batch_size": 64}})   # the paper's model, loss and optimiser
+    bundle = build(cfg, torch.device("cpu"), str(mnist_root))
     assert len(bundle.train.data) == 55_000 and len(bundle.val) == 5_000
     assert len(bundle.test) == 10_000
     model = build_model(cfg.model)
-    losses_of = loss_fn(cfg)
+    losses_of = loss_fn(cfg, bundle.task)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
     held = bundle.val.get(torch.arange(128))         # fixed real images, never trained on
 

@@ -12,17 +12,20 @@ from typer.testing import CliRunner
 
 from capsctl import checkpoint
 from capsctl.cli import app
-from capsctl.config import Config, from_dict
+from capsctl.config import from_dict
 from capsctl.errors import ConfigError
 from capsctl.data import mnist
 from capsctl.data.datasets import ImageSet
 from capsctl.data.multimnist import (ClassIndex, MultiEvalSource, MultiTrainStream, bbox_overlap,
                                      expected_frame_overlap, overlap_stats)
-from capsctl.evaluate import evaluate, pair_hits
-from capsctl.models import build_model, count_parameters, loss_fn
+from capsctl.data.build import build_eval
+from capsctl.data.registry import DATASETS, PAIR, SINGLE
+from capsctl.evaluate import count_correct, evaluate, model_labels, pair_hits
+from capsctl.inspect.draw import save_png
+from capsctl.inspect.figures import GAP, segmentation_grid
+from capsctl.models import MODELS, build_model, count_parameters, loss_fn
 from capsctl.models.losses import multilabel_bce_losses, multimnist_losses
-from capsctl.train import prepare_run_dir, train
-from capsctl.visualize_multimnist import GAP, save_png, segmentation_grid
+from capsctl.training import prepare_run_dir, train
 from conftest import REPO, tiny_config
 
 CPU = torch.device("cpu")
@@ -139,13 +142,14 @@ def test_two_label_loss_against_hand_values():
     recon = torch.zeros(1, 2, 4)
     recon[0, 0] = torch.tensor([0.5, 0.5, 0.5, 0.0])   # digit a: one pixel off by 0.5 -> 0.25
     recon[0, 1] = torch.tensor([1.0, 0.0, 1.0, 1.0])   # digit b: one pixel off by 1 -> 1.0
-    out = multimnist_losses({"scores": lengths, "recon": recon}, batch, Config().loss)
+    margin_cfg = from_dict({"data": {"name": "multimnist"}}).loss
+    out = multimnist_losses({"scores": lengths, "recon": recon}, batch, margin_cfg)
     # present 0 (0.95 > 0.9: 0) and 1 ((0.9-0.5)^2 = 0.16); absent 2 (0.5*(0.3-0.1)^2 = 0.02)
     assert out["margin"].item() == pytest.approx(0.16 + 0.02)
     assert out["reconstruction"].item() == pytest.approx(0.0005 * (0.25 + 1.0))
     assert out["total"].item() == pytest.approx(0.18 + 0.0005 * 1.25)
     with pytest.raises(ValueError, match="one reconstruction per digit"):
-        multimnist_losses({"scores": lengths, "recon": recon[:, 0]}, batch, Config().loss)
+        multimnist_losses({"scores": lengths, "recon": recon[:, 0]}, batch, margin_cfg)
     # the CNN's BCE: logit 0 everywhere is log 2 per class
     bce = multilabel_bce_losses({"logits": torch.zeros(1, 10)}, batch)
     assert bce["total"].item() == pytest.approx(10 * np.log(2))
@@ -159,10 +163,15 @@ def test_exact_pair_and_at_least_one_on_crafted_predictions():
     exact, one = pair_hits(scores, y, y2)
     assert exact.tolist() == [True, False, False]                # order of labels irrelevant
     assert one.tolist() == [True, True, False]
+    batch = {"y": y, "y2": y2}
+    assert count_correct(scores, batch, PAIR).item() == 1        # the exact pair, by task kind
+    assert torch.equal(model_labels(batch, PAIR), torch.stack([y, y2], 1))
+    assert count_correct(scores, batch, SINGLE).item() == 1    # top-1 = y: example 1 only
+    assert torch.equal(model_labels(batch, SINGLE), y)
 
 
 def test_capsnet_decodes_each_listed_capsule_on_its_own():
-    cfg = tiny_config(model={"input_size": 36})
+    cfg = tiny_config(model={"input_size": 36}, data={"name": "multimnist"})
     model = build_model(cfg.model).eval()
     assert model.num_primary == 2 * 10 * 10                      # 10x10 primary grid on 36x36
     x = torch.rand(3, 1, 36, 36)
@@ -189,18 +198,23 @@ def yaml_of(name: str) -> dict:
 
 
 def test_config_requires_the_canvas_size():
-    with pytest.raises(ConfigError, match="model.input_size=36"):
-        from_dict({"data": {"dataset": "multimnist"}})
+    with pytest.raises(ConfigError, match="makes 36x36 images but model.input_size is 28; set "
+                                          "model.input_size=36"):
+        from_dict({"model": {"input_size": 28}, "data": {"name": "multimnist"}})
+    with pytest.raises(ConfigError, match="set model.input_size=40"):
+        from_dict({"model": {"input_size": 36}, "data": {"name": "multimnist", "pad": 6}})
+    assert from_dict({"data": {"name": "multimnist"}}).model.input_size == 36   # followed
+    assert from_dict({"data": {"name": "multimnist", "pad": 6}}).model.input_size == 40
+    assert DATASETS["multimnist"].task == PAIR and PAIR in MODELS["capsnet"].losses
     cfg = from_dict(yaml_of("multimnist-capsnet.yaml"))
-    assert cfg.optim.lr_decay_steps == 10 * Config().optim.lr_decay_steps
+    assert cfg.optim.lr_decay_steps == 10 * from_dict({}).optim.lr_decay_steps
 
 
 # --- end to end -------------------------------------------------------------------------------
 
 def test_tiny_train_eval_and_segmentation_picture(tmp_path, fake_mnist):
     cfg = tiny_config(model={"input_size": 36, "transform_init_std": 0.1},
-                      data={"dataset": "multimnist", "multimnist_val_per_digit": 2,
-                            "multimnist_test_limit": 96},
+                      data={"name": "multimnist", "val_per_digit": 2, "test_limit": 96},
                       train={"max_steps": 6, "images_every_epoch": True}, optim={"lr": 0.01})
     folder = prepare_run_dir(tmp_path, "mm", force=False)
     summary = train(cfg, folder, CPU, data_root=str(fake_mnist), show_progress=False)
@@ -222,14 +236,14 @@ def test_tiny_train_eval_and_segmentation_picture(tmp_path, fake_mnist):
 
     # the metric by hand on the same examples
     model, cfg2, _ = checkpoint.load_model(best, CPU)
-    from capsctl.data import build_eval
     source = build_eval("multimnist", "test", cfg2, CPU, str(fake_mnist))
+    assert source.task == PAIR and source.default_limit == 96
     batch = source.get(torch.arange(128))
     with torch.no_grad():
         top2 = model(batch["x"])["scores"].topk(2, 1).indices.sort(1).values
     pairs = torch.stack([batch["y"], batch["y2"]], 1).sort(1).values
     assert result["correct"] == int((top2 == pairs).all(1).sum())
-    again = evaluate(model, source, 50, CPU, limit=128, loss_fn=loss_fn(cfg2))
+    again = evaluate(model, source, 50, CPU, limit=128, loss_fn=loss_fn(cfg2, source.task))
     assert again["correct"] == result["correct"] and "loss_reconstruction" in again
 
     picture = segmentation_grid(model, source.get(torch.arange(8)), CPU)

@@ -1,8 +1,9 @@
 """The compiled CPU capsule-layer kernel: equal to the torch path at the paper's sizes (the
 specialised D = 16, P = 8 code, blocks of examples cut short, two threads), independent of the
-thread count, fp32 under bf16 autocast, memory linear in the batch, and a clean fallback to the
-torch path when it cannot be built. (Its agreement with the loop reference at small widths is in
-test_routing.py, with ``layer_path`` "kernel".)"""
+thread count, fp32 under bf16 autocast, memory linear in the batch, a clean fallback to the
+torch path when it cannot be built; as the torch operator capsctl::routed_layer: opcheck, and
+torch.compile of the layer equal to eager. (Its agreement with the loop reference at small
+widths is in test_routing.py, with ``layer_path`` "kernel".)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from capsctl.models import routing_kernel
-from capsctl.models.capsules import PredictAndRoute, RoutedCapsules, squash
+from capsctl.models.capsules import RoutedCapsules, predict_and_route, squash
 from tests.test_routing import _LargestTensor, use_path
 
 
@@ -26,7 +27,7 @@ def _run_layer(u, W, bias, iterations, g, path, monkeypatch):
         u = u.detach().clone().requires_grad_(True)
         W = W.detach().clone().requires_grad_(True)
         b = None if bias is None else bias.detach().clone().requires_grad_(True)
-        v, *cs = PredictAndRoute.apply(u, W, b, iterations, torch.float32)
+        v, cs = predict_and_route(u, W, b, iterations)
         v.backward(g)
     return [v.detach(), torch.stack(cs), u.grad, W.grad] + ([b.grad] if b is not None else [])
 
@@ -110,7 +111,7 @@ def _python(code: str, env_extra: dict, tmp_path) -> subprocess.CompletedProcess
 
 
 _PROBE = """
-    import warnings, torch
+    import sys, warnings, torch
     from capsctl.models import routing_kernel
     from capsctl.models.capsules import RoutedCapsules
     with warnings.catch_warnings(record=True) as caught:
@@ -124,20 +125,22 @@ _PROBE = """
     print(routing_kernel.status())
     print(sum("routing kernel unavailable" in str(w.message) for w in caught))
     print(f"{float(v.abs().sum()):.6f} {float(u.grad.abs().sum()):.6f}")
+    print("torch._dynamo" in sys.modules)
 """
 
 
 def test_without_a_compiler_the_layer_warns_once_and_uses_the_torch_path(tmp_path):
     """CC names no compiler: one warning saying why, the torch path, the same numbers as the
-    kernel gives."""
+    kernel gives. Neither path imports torch._dynamo (about 150 MB; the operator is registered
+    with torch.library.define/impl: a custom_op's eager call would import it)."""
     fallback = _python(_PROBE, {"CC": str(tmp_path / "no-such-cc")}, tmp_path)
     assert fallback.returncode == 0, fallback.stderr
-    status, warned, numbers = fallback.stdout.split("\n")[:3]
-    assert status.startswith("torch (no C compiler") and warned == "1"
+    status, warned, numbers, dynamo = fallback.stdout.split("\n")[:4]
+    assert status.startswith("torch (no C compiler") and warned == "1" and dynamo == "False"
     built = _python(_PROBE, {}, tmp_path)
     assert built.returncode == 0, built.stderr
-    k_status, k_warned, k_numbers = built.stdout.split("\n")[:3]
-    assert k_status == "C kernel" and k_warned == "0"
+    k_status, k_warned, k_numbers, k_dynamo = built.stdout.split("\n")[:4]
+    assert k_status == "C kernel" and k_warned == "0" and k_dynamo == "False"
     for a, b in zip(numbers.split(), k_numbers.split()):
         assert abs(float(a) - float(b)) <= 1e-5 * abs(float(b))
 
@@ -188,3 +191,46 @@ def test_the_build_without_openmp_gives_the_same_result(monkeypatch, tmp_path):
     without = _run_layer(*args[:3], 3, args[3], "kernel", monkeypatch)
     for a, b in zip(without, with_omp):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_the_operator_passes_opcheck():
+    """Schema, autograd registration, fake tensors (the shape functions) and AOT dispatch with
+    dynamic shapes, forward (with and without bias) and backward, at small sizes (3 tiles of
+    children)."""
+    assert routing_kernel.load() is not None, routing_kernel.status()
+    torch.manual_seed(6)
+    u_BVPL = squash(torch.randn(2, 3, 4, routing_kernel.VL), dim=2)
+    W_VKPL = torch.randn(3, 6, 4, routing_kernel.VL) * 0.1
+    bias_K = torch.randn(6) * 0.1
+    forward = torch.ops.capsctl.routed_layer.default
+    for bias, R in ((bias_K, 3), (None, 1)):
+        args = (u_BVPL.clone().requires_grad_(True), W_VKPL.clone().requires_grad_(True),
+                None if bias is None else bias.clone().requires_grad_(True), 2, R)
+        torch.library.opcheck(forward, args)
+    v, c, s = forward(u_BVPL, W_VKPL, bias_K, 2, 3)
+    torch.library.opcheck(torch.ops.capsctl.routed_layer_backward.default,
+                          (u_BVPL, W_VKPL, c, s, torch.randn_like(v)))
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_torch_compile_of_the_kernel_layer_equals_eager(monkeypatch, fullgraph):
+    """torch.compile (inductor) of the layer, the kernel one opaque op in its graph (fullgraph:
+    no graph break): the same values, couplings and gradients as eager (the bias gradient, a
+    sum the compiled graph may order differently, to 1e-6)."""
+    use_path("kernel", monkeypatch)
+    torch.manual_seed(7)
+    layer = RoutedCapsules(40, 3, 4, 5, 3, init_std=0.1, bias=True)
+    u = squash(torch.randn(6, 40, 4))
+
+    def run(fn):
+        u_ = u.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        v, cs = fn(u_, True)
+        (v * torch.linspace(-1, 1, 5)).sum().backward()
+        return [v.detach(), *cs, u_.grad, layer.W_IJDP.grad, layer.bias_JD.grad]
+
+    eager = run(layer)
+    compiled = run(torch.compile(layer, fullgraph=fullgraph))
+    for a, b in zip(compiled[:-1], eager[:-1]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(compiled[-1], eager[-1], atol=1e-6, rtol=1e-6)

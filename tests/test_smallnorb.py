@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from capsctl.config import from_dict
-from capsctl.data import DATASETS, build
 from capsctl.data import smallnorb as sn
+from capsctl.data.build import build
+from capsctl.data.registry import DATASETS, SINGLE
 from capsctl.errors import DataError
 
 MAGIC = {np.dtype("u1"): 0x1E3D4C55, np.dtype("<i4"): 0x1E3D4C54}
@@ -85,12 +86,14 @@ def test_preprocessing():
 
 def test_bundle_train_and_eval_batches(tmp_path):
     root = write_fake_norb(tmp_path / "d", n=20)
-    assert "smallnorb" in DATASETS
+    assert DATASETS["smallnorb"].task == SINGLE
+    assert DATASETS["smallnorb"].classes == sn.CLASSES
     cfg = from_dict({"model": {"name": "em-capsnet", "input_size": 32, "num_classes": 5},
-                     "data": {"dataset": "smallnorb", "val_size": 4, "root": str(root)},
+                     "data": {"name": "smallnorb", "val_size": 4, "root": str(root)},
                      "train": {"batch_size": 8}})
     bundle = build(cfg, torch.device("cpu"))
     assert bundle.input_size == 32 and len(bundle.val) == 4 and len(bundle.test) == 20
+    assert bundle.task == bundle.train.task == bundle.val.task == bundle.test.task == SINGLE
     assert bundle.train.steps_per_epoch == 2
     b1, b2 = bundle.train.batch(0, 0, 0), bundle.train.batch(0, 0, 0)
     assert b1["x"].shape == (8, 1, 32, 32) and b1["x"].dtype == torch.float32

@@ -10,7 +10,7 @@ import torch
 from capsctl import checkpoint
 from capsctl.config import Config, from_dict, to_dict
 from capsctl.errors import CapsctlError, CheckpointError, TrainingError
-from capsctl.train import lr_at, prepare_run_dir, train
+from capsctl.training import lr_at, prepare_run_dir, train
 from conftest import tiny_config
 
 CPU = torch.device("cpu")
@@ -125,3 +125,27 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
                                                "config": to_dict(other)})
     with pytest.raises(CheckpointError, match="do not match"):
         checkpoint.load_model(tmp_path / "mismatch.pt", CPU)
+
+
+def test_reconstructions_are_logged_through_the_model_contract(fake_mnist):
+    from capsctl.data.build import build
+    from capsctl.models import build_model
+    from capsctl.training.loop import _log_reconstructions
+
+    class Images:
+        def __init__(self):
+            self.seen = []
+
+        def image(self, tag, img, step):
+            self.seen.append((tag, img.shape[0], step))
+
+    cfg = tiny_config()
+    data = build(cfg, CPU, str(fake_mnist))
+    for model_section, want in (({}, [("reconstructions", 3, 7)]),
+                                ({"name": "cnn", "channels": [4, 4], "hidden": [8],
+                                  "pool": [2, 2]}, [])):   # no decoder: nothing to draw
+        model = build_model(tiny_config(model=model_section).model).train()
+        writer = Images()
+        _log_reconstructions(model, data.val, data.task, writer, 7, CPU, "fp32")
+        assert writer.seen == want
+        assert model.training                  # back in training mode

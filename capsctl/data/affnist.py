@@ -28,18 +28,23 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import struct
 import urllib.request
+import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from capsctl.data.augment import generator
+from capsctl.data.idx import GZIP_RATIO
 from capsctl.errors import DataError
 
 SIDE = 40
@@ -57,12 +62,207 @@ class MissingDataError(DataError):
 
 # --- reading and writing the .mat layout ----------------------------------------------------------
 
+MAX_UNPACKED = 8 << 30  # a downloaded batches zip (the official test_batches: about 0.6 GB)
+MAT_MAX_DEPTH = 4     # affNISTdata (struct) > its fields (numeric); a little room beyond
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+_CONTAINERS = {1: "cell", 2: "struct", 3: "object"}
+_REFUSED = {16: "function handle", 17: "MATLAB class object"}
+_INT8, _INT32, _UINT32 = frozenset({1}), frozenset({5}), frozenset({6})
+_DATA = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 16, 17, 18})  # numbers and UTF-8/16/32 text
+
+
+class _Malformed(Exception):
+    """The .mat element structure is one that scipy must not be given."""
+
+
+class _FileRegion:
+    """Sequential reads of an uncompressed file (``take`` exact bytes, ``skip`` by seeking)."""
+
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.size, self.pos = f, size, f.tell()
+
+    def take(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) < n:
+            raise _Malformed("the file ends inside an element")
+        self.pos += n
+        return data
+
+    def skip(self, n: int) -> None:
+        if self.pos + n > self.size:
+            raise _Malformed("the file ends inside an element")
+        self.f.seek(n, 1)
+        self.pos += n
+
+
+class _Inflated:
+    """Sequential reads of a zlib stream of ``nbytes`` compressed bytes, inflated on demand (so
+    memory stays at one chunk whatever the stream inflates to)."""
+
+    def __init__(self, f: BinaryIO, nbytes: int):
+        self.f, self.left, self.pos = f, nbytes, 0
+        self.z, self.buf = zlib.decompressobj(), bytearray()
+
+    def _fill(self, n: int) -> None:
+        while len(self.buf) < n:
+            data = self.z.unconsumed_tail
+            if not data:
+                data = self.f.read(min(1 << 16, self.left))
+                self.left -= len(data)
+            if not data or self.z.eof:
+                raise _Malformed("the compressed data ends inside an element")
+            self.buf += self.z.decompress(data, max(n - len(self.buf), 1 << 16))
+
+    def take(self, n: int) -> bytes:
+        self._fill(n)
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        self.pos += n
+        return data
+
+    def skip(self, n: int) -> None:
+        while n > 0:
+            n -= len(self.take(min(n, 1 << 20)))
+
+    def at_end(self) -> bool:
+        """Whether the stream inflates to nothing more (reads at most one more byte)."""
+        try:
+            self._fill(1)
+        except _Malformed:
+            return True
+        return False
+
+
+def _element(src, order: str, end: int, types: frozenset, cap: int | None = None) -> bytes:
+    """The next sub-element of a matrix ending at ``end``: its type must be one of ``types``
+    (scipy indexes tables with it unchecked) and it must fit; its data is returned when ``cap``
+    is given (at most ``cap`` bytes), skipped otherwise."""
+    if end - src.pos < 8:
+        raise _Malformed("a matrix ends before its last element")
+    raw = src.take(8)
+    mtype, n = struct.unpack(order + "II", raw)
+    small = mtype >> 16  # small element: up to 4 bytes of data in the tag's second half
+    if small:
+        mtype, n = mtype & 0xFFFF, small
+    if mtype not in types or (small and n > 4):
+        raise _Malformed(f"an element of type {mtype} where {sorted(types)} belong")
+    if small:
+        return raw[4:4 + n]
+    padded = n + (-n) % 8
+    if padded > end - src.pos or (cap is not None and n > cap):
+        raise _Malformed(f"a {n}-byte element where {end - src.pos} bytes are left")
+    if cap is None:
+        src.skip(padded)
+        return b""
+    data = src.take(n)
+    src.skip(padded - n)
+    return data
+
+
+def _int(data: bytes, order: str, fmt: str) -> int:
+    """The first 4-byte integer of ``data`` (zero-padded when shorter)."""
+    return struct.unpack(order + fmt, data[:4].ljust(4, b"\0"))[0]
+
+
+def _walk_matrix(src, order: str, nbytes: int, depth: int) -> None:
+    """Checks one miMATRIX element of ``nbytes`` (after its tag) and what it contains, so that
+    scipy can read it safely: every sub-element of the type its place needs and inside the
+    matrix (scipy reads a missing imaginary part from the next variable and crashes), no nesting
+    beyond MAT_MAX_DEPTH (scipy recurses in C and crashes on deep nesting), no more cells or
+    struct elements than the bytes can hold (scipy allocates them up front), no function handles
+    or class objects."""
+    end = src.pos + nbytes
+    if nbytes == 0:
+        return
+    flags = _element(src, order, end, _UINT32, 8)
+    if len(flags) != 8:
+        raise _Malformed(f"array flags of {len(flags)} bytes")
+    word = _int(flags, order, "I")
+    cls, is_complex = word & 0xFF, bool(word & 0x800)
+    if cls in _REFUSED or not 1 <= cls <= 15:
+        raise _Malformed(f"it holds a {_REFUSED.get(cls, f'class {cls} array')}")
+    raw = _element(src, order, end, _INT32, 256)
+    if len(raw) < 8 or len(raw) % 4:  # scipy crashes on a char array without dimensions
+        raise _Malformed(f"array dimensions of {len(raw)} bytes")
+    dims = struct.unpack(f"{order}{len(raw) // 4}i", raw)
+    if any(d < 0 for d in dims):
+        raise _Malformed(f"negative array dimensions {dims}")
+    _element(src, order, end, _INT8, 1 << 16)  # the name
+    if cls not in _CONTAINERS:  # numeric, char, sparse: their data elements
+        parts = (3 if cls == 5 else 1) + is_complex
+        for _ in range(parts):
+            _element(src, order, end, _DATA)
+    else:
+        if depth >= MAT_MAX_DEPTH:
+            raise _Malformed(f"cells or structs nested more than {MAT_MAX_DEPTH} deep")
+        nfields = 1
+        if cls == 3:
+            _element(src, order, end, _INT8, 1 << 16)  # the class name
+        if cls in (2, 3):
+            raw = _element(src, order, end, _INT32, 4)
+            if len(raw) != 4:
+                raise _Malformed(f"a field name length of {len(raw)} bytes")
+            width = _int(raw, order, "i")
+            names = _element(src, order, end, _INT8, 1 << 20)
+            nfields = len(names) // width if width > 0 else 0
+        count = math.prod(dims)
+        if count > 1 and count * max(nfields, 1) * 8 > end - src.pos:
+            raise _Malformed(f"a {_CONTAINERS[cls]} of {count} elements in {nbytes} bytes")
+        for _ in range(count * nfields):
+            if end - src.pos < 8:
+                raise _Malformed(f"a {_CONTAINERS[cls]} ends before its elements")
+            mtype, n = struct.unpack(order + "II", src.take(8))
+            if mtype != _MI_MATRIX or n > end - src.pos:
+                raise _Malformed(f"a malformed {_CONTAINERS[cls]} element")
+            _walk_matrix(src, order, n, depth + 1)
+    src.skip(end - src.pos)  # what is left
+
+
+def check_mat_structure(path: Path) -> None:
+    """A one-line DataError when a MATLAB v5 file's element structure would make scipy crash or
+    allocate far more memory than the file holds (see ``_walk_matrix``); compressed variables
+    are inflated in chunks for this, never into memory. Other formats (v4, v7.3, not MATLAB at
+    all) are left to scipy, whose errors are bounded."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(128)
+            if len(head) < 128 or 0 in head[:4] or head[125 if head[126:127] == b"I" else 124] != 1:
+                return  # not version 5: v4 and v7.3 are read without recursion
+            order = "<" if head[126:128] == b"IM" else ">"
+            while f.tell() + 8 <= size:
+                mtype, n = struct.unpack(order + "II", f.read(8))
+                if n > size - f.tell():
+                    raise _Malformed(f"a variable of {n} bytes in a {size}-byte file")
+                start = f.tell()
+                if mtype == _MI_COMPRESSED:
+                    src = _Inflated(f, n)
+                    inner_type, inner = struct.unpack(order + "II", src.take(8))
+                    if inner > GZIP_RATIO * n + 4096:
+                        raise _Malformed(f"{n} compressed bytes declaring {inner}")
+                    if inner_type == _MI_MATRIX:
+                        _walk_matrix(src, order, inner, 1)
+                        if not src.at_end():  # scipy would inflate all of it, then refuse
+                            raise _Malformed("the compressed data goes on after its variable")
+                elif mtype == _MI_MATRIX:
+                    _walk_matrix(_FileRegion(f, size), order, n, 1)
+                f.seek(start + n)
+    except (_Malformed, zlib.error, struct.error) as e:
+        raise DataError(f"{path}: not a readable MATLAB .mat file ({e}); re-download or "
+                        "regenerate it") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def load_struct(path: Path) -> dict[str, np.ndarray]:
     """Every field of the ``affNISTdata`` struct of ``path``; a one-line DataError otherwise."""
     import scipy.io
 
+    check_mat_structure(path)
     try:
-        mat = scipy.io.loadmat(str(path), variable_names=(STRUCT,))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mat = scipy.io.loadmat(str(path), variable_names=(STRUCT,))
     except Exception as e:  # scipy raises ValueError, TypeError, MatReadError, zlib errors ...
         first = str(e).split("\n")[0][:160]
         raise DataError(f"{path}: not a readable MATLAB .mat file ({type(e).__name__}: {first}); "
@@ -75,9 +275,36 @@ def load_struct(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: no '{STRUCT}' struct in this .mat file (variables: "
                         f"{', '.join(names) or 'none'}); expected an affNIST-format file")
     s = mat[STRUCT]
-    if s.dtype.names is None or s.size != 1:
-        raise DataError(f"{path}: '{STRUCT}' is not a struct; expected an affNIST-format file")
+    if not isinstance(s, np.ndarray) or s.dtype.names is None or s.size != 1:
+        why = f"is unreadable ({str(caught[0].message).splitlines()[0][:160]})" if caught \
+            else "is not a struct"
+        raise DataError(f"{path}: '{STRUCT}' {why}; expected an affNIST-format file")
     return {name: np.asarray(s[name].flat[0]) for name in s.dtype.names}
+
+
+def _number(v) -> str:
+    """A label or pixel value as the file holds it: 12, 9.5, nan."""
+    return str(int(v)) if np.issubdtype(type(v), np.integer) else f"{float(v):g}"
+
+
+def _numeric(path: Path, name: str, a: np.ndarray) -> None:
+    if a.dtype.kind not in "uif":
+        raise DataError(f"{path}: {STRUCT}.{name} holds {a.dtype} values ({a.dtype.kind!r} kind), "
+                        "not numbers; expected an affNIST-format file")
+    if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+        bad = a[~np.isfinite(a)].flat[0]
+        raise DataError(f"{path}: {STRUCT}.{name} holds {_number(bad)}; expected finite numbers")
+
+
+def check_labels(path: Path, labels: np.ndarray) -> np.ndarray:
+    """``labels`` as int64 after checking they are whole numbers 0-9 (one-line DataError)."""
+    if labels.dtype.kind == "f" and (labels != np.round(labels)).any():
+        bad = labels[labels != np.round(labels)][0]
+        raise DataError(f"{path}: label {_number(bad)} is not a whole number; labels are 0-9")
+    out = (labels < 0) | (labels > 9)
+    if out.any():
+        raise DataError(f"{path}: label {_number(labels[out][0])} out of range 0-9")
+    return labels.astype(np.int64)
 
 
 def read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -89,18 +316,22 @@ def read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"{path}: the '{STRUCT}' struct has no '{key}' field (fields: "
                             f"{', '.join(fields)}); expected an affNIST-format file")
     image, labels = fields["image"], fields["label_int"].reshape(-1)
+    _numeric(path, "image", image)
+    _numeric(path, "label_int", labels)
     if image.ndim != 2 or image.shape[0] != SIDE * SIDE:
         raise DataError(f"{path}: {STRUCT}.image has shape {image.shape}; expected 1600 x N "
                         "(one 40x40 picture per column)")
     if image.shape[1] != labels.size:
         raise DataError(f"{path}: {image.shape[1]} images but {labels.size} labels")
-    if image.size and (image.min() < 0 or image.max() > 255):
-        raise DataError(f"{path}: pixel values outside 0-255")
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f"{path}: label {int(labels.max())} out of range 0-9")
-    dtype = np.float32 if np.issubdtype(image.dtype, np.floating) else np.uint8
+    if labels.size == 0:
+        raise DataError(f"{path}: holds no images; re-download or regenerate it")
+    if image.min() < 0 or image.max() > 255:
+        bad = image.min() if image.min() < 0 else image.max()
+        raise DataError(f"{path}: pixel value {_number(bad)} outside 0-255")
+    labels = check_labels(path, labels)
+    dtype = np.float32 if image.dtype.kind == "f" else np.uint8
     images = np.ascontiguousarray(image.T).astype(dtype).reshape(-1, SIDE, SIDE)
-    return images, labels.astype(np.int64)
+    return images, labels
 
 
 def write_mat(path: Path, images: np.ndarray, labels: np.ndarray,
@@ -132,33 +363,48 @@ def is_synthetic(path: Path) -> bool:
 # --- finding (and fetching) the files -------------------------------------------------------------
 
 def _numbered(folder: Path) -> list[Path]:
+    """The ``1.mat .. K.mat`` of a batches folder in order; a DataError naming any other
+    ``.mat`` file there (``notes.mat``, ``01.mat``) or a gap in the numbers."""
     files = [p for p in folder.glob("*.mat") if p.is_file()]
-    if files and all(p.stem.isdigit() for p in files):
-        files.sort(key=lambda p: int(p.stem))
-        expected = list(range(1, len(files) + 1))
-        got = [int(p.stem) for p in files]
-        if got != expected:
-            gap = next(k for k, g in zip(expected, got) if k != g)
-            raise DataError(f"{folder}: {gap}.mat is missing (found {len(files)} numbered "
-                            "batches, not 1..K); restore it or unpack the zip again")
-        return files
-    return sorted(files)
+    stray = sorted(p.name for p in files
+                   if not (p.stem.isascii() and p.stem.isdigit() and str(int(p.stem)) == p.stem))
+    if stray:
+        raise DataError(f"{folder}: {stray[0]} is not a numbered batch (the folder holds 1.mat "
+                        "... K.mat only); move it out")
+    files.sort(key=lambda p: int(p.stem))
+    got = [int(p.stem) for p in files]
+    gap = next((k for k, g in zip(range(1, len(files) + 1), got) if k != g), None)
+    if gap is not None:
+        raise DataError(f"{folder}: {gap}.mat is missing (found {len(files)} numbered "
+                        "batches, not 1..K); restore it or unpack the zip again")
+    return files
 
 
 def _unpack(zip_path: Path, folder: Path, dirname: str) -> None:
-    """Unpack the ``.mat`` members of ``zip_path`` into ``folder/dirname`` (via a temp folder)."""
+    """Unpack the ``.mat`` members of ``zip_path`` into ``folder/dirname`` (via a temp folder).
+    The sizes the archive declares are checked first (at most MAX_UNPACKED, and no more than the
+    free disk space): a zip bomb is refused before anything is written, and zipfile never
+    inflates a member past its declared size."""
     tmp = folder / f".{dirname}.unpacking"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
         with zipfile.ZipFile(zip_path) as zf:
-            for member in zf.namelist():
-                if member.endswith(".mat"):
-                    with zf.open(member) as src, open(tmp / Path(member).name, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+            members = [i for i in zf.infolist() if i.filename.endswith(".mat") and not i.is_dir()]
+            total = sum(i.file_size for i in members)
+            free = shutil.disk_usage(folder).free
+            if total > min(MAX_UNPACKED, free):
+                raise DataError(f"{zip_path}: its .mat files would take {total} bytes unpacked, "
+                                f"more than {'the limit' if free > MAX_UNPACKED else 'is free'} "
+                                f"({min(MAX_UNPACKED, free)}); delete it and download it again")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for member in members:
+                with zf.open(member) as src, open(tmp / Path(member.filename).name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError,
+            RuntimeError, ValueError) as e:  # corrupt, unsupported or encrypted members
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"{zip_path}: cannot unpack ({type(e).__name__}: {e}); delete it and "
+        first = str(e).split("\n")[0][:160]
+        raise DataError(f"{zip_path}: cannot unpack ({type(e).__name__}: {first}); delete it and "
                         "download it again") from None
     os.replace(tmp, folder / dirname)
 
@@ -219,6 +465,9 @@ class MatSource:
     Same interface as ``EvalSource``: ``batches(batch_size, limit)``, ``get(idx)``, ``len()``,
     ``name``. Batches do not straddle files (the last batch of each file may be smaller).
     """
+
+    task = "single"  # one label per image (capsctl/data/registry.py)
+    default_limit = None
 
     def __init__(self, files: list[Path], name: str, device: torch.device):
         self.files, self.name, self.device = list(files), name, torch.device(device)

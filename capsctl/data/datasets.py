@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from capsctl.data.augment import generator, place, random_offsets, to_float
+from capsctl.data.registry import SINGLE
 
 STREAM_ORDER, STREAM_SHIFT, STREAM_EVAL = 1, 2, 3
 
@@ -33,8 +34,22 @@ class ImageSet:
         return self.images.device
 
 
+@dataclass
+class DataBundle:
+    """A training dataset as built: its stream, validation source (None when data.val_size is
+    0) and test source, the image side, and the task kind (``data/registry.py``)."""
+
+    train: "TrainStream"
+    val: "EvalSource | None"
+    test: "EvalSource"
+    input_size: int
+    task: str
+
+
 class TrainStream:
     """Shuffled, shifted training batches: ``batch(epoch, k, step)``; drops the last partial batch."""
+
+    task = SINGLE
 
     def __init__(self, data: ImageSet, batch_size: int, seed: int, shift: int = 0,
                  canvas_pad: int = 0):
@@ -65,7 +80,14 @@ class TrainStream:
 
 
 class EvalSource:
-    """Fixed, unshuffled evaluation batches; optional placement drawn from a fixed seed."""
+    """Fixed, unshuffled evaluation batches; optional placement drawn from a fixed seed.
+
+    What every evaluation source declares (MultiMNIST's, smallNORB's, affNIST's too): ``task``,
+    ``name``, ``default_limit`` (examples evaluated when no limit is given; None = all),
+    ``len()``, ``batches(batch_size, limit)`` and ``get(idx)``."""
+
+    task = SINGLE
+    default_limit = None
 
     def __init__(self, data: ImageSet, name: str, canvas_pad: int = 0, shift: int = 0,
                  seed: int = 0):

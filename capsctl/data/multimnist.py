@@ -29,7 +29,8 @@ from collections.abc import Iterator
 import torch
 
 from capsctl.data.augment import generator, mix_seed, place, random_offsets
-from capsctl.data.datasets import ImageSet, TrainStream
+from capsctl.data.datasets import DataBundle, ImageSet, TrainStream
+from capsctl.data.registry import PAIR
 
 STREAM_PAIRS, STREAM_EVAL_PAIRS = 11, 12
 MASK32 = 0xFFFFFFFF
@@ -71,6 +72,8 @@ def compose(data: ImageSet, idx_a: torch.Tensor, idx_b: torch.Tensor, off_a: tor
 class MultiTrainStream(TrainStream):
     """Fresh MultiMNIST training pairs per draw: ``batch(epoch, k, step)`` like ``TrainStream``."""
 
+    task = PAIR
+
     def __init__(self, data: ImageSet, batch_size: int, seed: int, shift: int = 4, pad: int = 4):
         super().__init__(data, batch_size, seed, shift=shift, canvas_pad=pad)
         self.classes = ClassIndex(data.labels)
@@ -98,6 +101,8 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 class MultiEvalSource:
     """The fixed MultiMNIST evaluation stream over ``data``: ``per_digit * len(data)`` examples,
     each computed from its index (never stored)."""
+
+    task = PAIR
 
     def __init__(self, data: ImageSet, name: str, per_digit: int, seed: int, shift: int = 4,
                  pad: int = 4, default_limit: int | None = None):
@@ -191,28 +196,22 @@ def expected_frame_overlap(shift: int, side: int = 28) -> float:
     return per_axis ** 2
 
 
-def build_bundle(cfg, device: torch.device, root_flag: str | None = None):
+def build_bundle(cfg, device: torch.device, root_flag: str | None = None) -> DataBundle:
     """The ``multimnist`` dataset: pairs from the MNIST training digits (the validation digits are
     held out as for MNIST and paired among themselves) and from the test digits."""
-    from capsctl.data import DataBundle, load_mnist_sets
+    from capsctl.data.digits import load_mnist_sets
     from capsctl.errors import DataError
 
     d = cfg.data
-    side = 28 + 2 * d.multimnist_pad
-    if cfg.model.input_size != side:
-        raise DataError(f"multimnist images are {side}x{side} but the model takes "
-                        f"{cfg.model.input_size}x{cfg.model.input_size} inputs; use a model "
-                        f"trained with model.input_size={side} (e.g. configs/multimnist-*.yaml)")
-    train, val, test = load_mnist_sets(cfg, device, root_flag)
+    train, val, test = load_mnist_sets(d, device, root_flag)
     for split, s in (("training", train), ("validation", val), ("test", test)):
         if s is not None and len(torch.unique(s.labels)) < 2:
             raise DataError(f"multimnist needs digits of at least two classes in the {split} "
                             "split")
-    seed = d.multimnist_seed  # the fixed pairs do not depend on train.seed: runs compare
-    stream = MultiTrainStream(train, cfg.train.batch_size, cfg.train.seed, d.multimnist_shift,
-                              d.multimnist_pad)
-    val_src = (MultiEvalSource(val, "val", d.multimnist_val_per_digit, seed, d.multimnist_shift,
-                               d.multimnist_pad) if val is not None else None)
-    test_src = MultiEvalSource(test, "test", d.multimnist_per_digit, seed, d.multimnist_shift,
-                               d.multimnist_pad, default_limit=d.multimnist_test_limit or None)
-    return DataBundle(stream, val_src, test_src, side)
+    seed = d.seed  # the fixed pairs do not depend on train.seed: runs compare
+    stream = MultiTrainStream(train, cfg.train.batch_size, cfg.train.seed, d.shift, d.pad)
+    val_src = (MultiEvalSource(val, "val", d.val_per_digit, seed, d.shift, d.pad)
+               if val is not None else None)
+    test_src = MultiEvalSource(test, "test", d.per_digit, seed, d.shift, d.pad,
+                               default_limit=d.test_limit or None)
+    return DataBundle(stream, val_src, test_src, 28 + 2 * d.pad, PAIR)

@@ -19,8 +19,8 @@ fetched from the official location into ``ROOT/smallnorb``.
 
 from __future__ import annotations
 
-import gzip
 import shutil
+import struct
 import urllib.request
 from pathlib import Path
 
@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from capsctl.data.augment import generator
-from capsctl.data.datasets import ImageSet, TrainStream
+from capsctl.data.datasets import DataBundle, ImageSet, TrainStream
+from capsctl.data.registry import SINGLE
+from capsctl.data.idx import check_declared, open_data, read_exact, read_header
 from capsctl.errors import DataError
 
 URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
@@ -47,30 +49,30 @@ STREAM_CROP, STREAM_JITTER = 12, 13
 
 
 def read_matrix(path: Path) -> np.ndarray:
-    """One smallNORB binary matrix file (raw or gzipped) as a numpy array."""
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":                                   # gzipped (name or not)
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e}); delete it and fetch it again") from None
-    if len(raw) < 20:
-        raise DataError(f"{path}: too short for a smallNORB matrix header")
-    magic, ndim = np.frombuffer(raw[:8], "<i4")
-    dtype = DTYPES.get(int(magic) & 0xFFFFFFFF)
-    if dtype is None:
-        raise DataError(f"{path}: not a smallNORB matrix file "
-                        f"(magic 0x{int(magic) & 0xFFFFFFFF:08X})")
-    if not 1 <= ndim <= 16:
-        raise DataError(f"{path}: implausible number of dimensions {ndim}")
-    n_sizes = max(int(ndim), 3)
-    header = 8 + 4 * n_sizes
-    shape = tuple(int(d) for d in np.frombuffer(raw[8:header], "<i4")[:ndim])
-    count = int(np.prod(shape))
-    if len(raw) - header != count * dtype.itemsize:
-        raise DataError(f"{path}: header says {shape} ({count * dtype.itemsize} bytes of data) but "
-                        f"the file holds {len(raw) - header}; the file is truncated or corrupt")
-    return np.frombuffer(raw, dtype, count, header).reshape(shape)
+    """One smallNORB binary matrix file (raw or gzipped, recognised by content) as a numpy array.
+
+    The header's sizes are checked against the file (and ``MAX_BYTES``) before anything is
+    allocated; gzipped data is inflated in chunks, never past the declared size plus one byte."""
+    path = Path(path)
+    with open_data(path) as (stream, size, gz):
+        magic, ndim = struct.unpack("<Ii", read_header(stream, 8, path, "smallNORB header"))
+        dtype = DTYPES.get(magic)
+        if dtype is None:
+            raise DataError(f"{path}: not a smallNORB matrix file (magic 0x{magic:08X})")
+        if not 1 <= ndim <= 16:
+            raise DataError(f"{path}: implausible number of dimensions {ndim}")
+        n_sizes = max(ndim, 3)
+        sizes = struct.unpack(f"<{n_sizes}i", read_header(stream, 4 * n_sizes, path,
+                                                          "smallNORB header"))
+        shape = sizes[:ndim]
+        if min(shape) < 0:
+            raise DataError(f"{path}: negative size in the header {shape}; the file is corrupt")
+        nbytes = dtype.itemsize
+        for d in shape:  # Python ints: no overflow
+            nbytes *= d
+        check_declared(path, shape, nbytes, 8 + 4 * n_sizes, size, gz)
+        data = read_exact(stream, nbytes, path, "x".join(map(str, shape)))
+    return data.view(dtype).reshape(shape)
 
 
 def _find(root: Path, name: str) -> Path | None:
@@ -179,6 +181,9 @@ class NorbTrainStream(TrainStream):
 class NorbEvalSource:
     """Fixed evaluation batches: the centre 32x32 crop of each standardised image."""
 
+    task = SINGLE
+    default_limit = None
+
     def __init__(self, data: ImageSet, name: str):
         self.data, self.name = data, name
 
@@ -207,7 +212,6 @@ def _channels(images: np.ndarray, in_channels: int) -> np.ndarray:
 def build_bundle(cfg, device: torch.device, root_flag: str | None = None):
     """The ``smallnorb`` dataset: training stream, validation (a fixed random subset of
     ``data.val_size`` training pairs) and the official test set."""
-    from capsctl.data import DataBundle
     from capsctl.data.mnist import resolve_root
 
     root = resolve_root(root_flag, cfg.data.root)
@@ -227,4 +231,5 @@ def build_bundle(cfg, device: torch.device, root_flag: str | None = None):
     train = to_set(tr_images[train_idx], tr_labels[train_idx])
     val = NorbEvalSource(to_set(tr_images[val_idx], tr_labels[val_idx]), "val") if n_val else None
     test = NorbEvalSource(to_set(te_images, te_labels), "test")
-    return DataBundle(NorbTrainStream(train, cfg.train.batch_size, cfg.train.seed), val, test, CROP)
+    return DataBundle(NorbTrainStream(train, cfg.train.batch_size, cfg.train.seed), val, test, CROP,
+                      SINGLE)

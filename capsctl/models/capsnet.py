@@ -7,6 +7,9 @@ forward(x, y=None) returns a dict:
   recon    (B, C*H*W) reconstruction from the capsule of ``y`` (training) or of the prediction;
            (B, K, C*H*W) when ``y`` is (B, K): one reconstruction per listed capsule (MultiMNIST)
   routing  list of (B, I, J) coupling coefficients per pass, when ``keep_routing``
+
+The routed layer (``digits``) is the algorithm ``model.routing`` names (capsctl/models/routing/):
+dynamic routing by agreement by default.
 """
 
 from __future__ import annotations
@@ -15,13 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsctl.config import ModelConfig
-from capsctl.models.capsules import PrimaryCaps, RoutedCapsules, safe_norm
-
-
-def primary_grid(m: ModelConfig) -> int:
-    conv1_out = m.input_size - m.conv1_kernel + 1
-    return (conv1_out - m.primary_kernel) // m.primary_stride + 1
+from capsctl.models import routing
+from capsctl.models.capsnet_config import CapsNetConfig, primary_grid
+from capsctl.models.capsules import PrimaryCaps, safe_norm
 
 
 class Decoder(nn.Module):
@@ -41,7 +40,11 @@ class Decoder(nn.Module):
 
 
 class CapsNet(nn.Module):
-    def __init__(self, m: ModelConfig):
+    """Honours capsctl/models/contract.py: vector class capsules ``v``, routing couplings."""
+
+    capsule_key = "v"
+
+    def __init__(self, m: CapsNetConfig):
         super().__init__()
         self.cfg = m
         self.conv1 = nn.Conv2d(m.in_channels, m.conv1_channels, m.conv1_kernel)
@@ -49,10 +52,20 @@ class CapsNet(nn.Module):
                                    m.primary_kernel, m.primary_stride, m.primary_scale)
         self.grid = primary_grid(m)
         self.num_primary = m.primary_types * self.grid * self.grid
-        self.digits = RoutedCapsules(self.num_primary, m.num_classes, m.primary_dim, m.class_dim,
-                                     m.routing_iterations, m.transform_init_std, m.class_bias)
+        self.digits = routing.build(m.routing, self.num_primary, m.num_classes, m.primary_dim,
+                                    m.class_dim, m)
         self.decoder = (Decoder(m.num_classes * m.class_dim, m.decoder_hidden,
                                 m.in_channels * m.input_size ** 2) if m.decoder else None)
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.decoder is not None
+
+    @property
+    def routing_label(self) -> str:
+        """What out["routing"] holds, named by the configured routing ("coupling c_ij",
+        "attention c_ij", "routing r_ij")."""
+        return routing.ROUTINGS[self.cfg.routing].label
 
     @property
     def routing_layout(self) -> tuple[int, int, int]:
@@ -60,7 +73,13 @@ class CapsNet(nn.Module):
         i // (H*W) at grid row (i // W) % H, column i % W (I = types * H * W)."""
         return self.cfg.primary_types, self.grid, self.grid
 
+    def votes(self, x: torch.Tensor) -> torch.Tensor:
+        """u_hat (B, I, J, D): every primary capsule's prediction for every class capsule (the
+        routed layer's input; inspection only, the training path never forms it whole)."""
+        return self.digits.predictions(self.primary(F.relu(self.conv1(x))))
+
     def encode(self, x: torch.Tensor, keep_routing: bool = False):
+        """v (B, J, D) fp32 and the routing of every pass (B, I, J) (empty unless kept)."""
         h = F.relu(self.conv1(x), inplace=True)  # conv backward needs only its input
         u_BIP = self.primary(h)
         return self.digits(u_BIP, keep_routing)

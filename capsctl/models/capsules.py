@@ -9,19 +9,19 @@ Shape legend (suffixes on tensor names):
   V tiles of L = routing_kernel.VL children (the kernel's layouts: u_BVPL, W_VKPL)
   R routing passes (c_RBJI, s_RBJD)
 
-A whole routed layer, predictions and routing iterations, is one autograd function
-(``PredictAndRoute``) with two implementations. On a CPU (fp32 u and W) it is the compiled C
-kernel of ``routing_kernel``: per example, the predictions stay in the L2 cache across all
-passes, each pass is one fused walk over them, nothing of u_hat's size is kept. Elsewhere (CUDA,
-a CPU without a C compiler) the torch path: the prediction vectors u_hat_j|i = W_ij u_i are made
-by one batched matrix product over the children and stored parent-major, (B, J, I, D): for every
-(example, parent) the I x D block of predictions is contiguous, so both routing contractions -
-s_j = sum_i c_ij u_hat_j|i and the agreement u_hat_j|i . v_j - are batched matrix-vector
-products that stream u_hat once each; on a CPU it works through the batch in cache-sized chunks
-of examples, keeps neither u_hat nor its gradient for the whole batch (the backward recomputes
-each chunk's u_hat and expands its gradient from 2r - 1 outer-product terms a chunk at a time),
-so its memory is flat in the batch size beyond one chunk. Nothing of size B x I x J x D x P is
-ever formed.
+A whole routed layer, predictions and routing iterations, is one function (``predict_and_route``)
+with two implementations. On a CPU (fp32 u and W) it is the compiled C kernel of ``routing_kernel``,
+the torch operator ``capsctl::routed_layer`` (one opaque op to autograd and torch.compile): per
+example, the predictions stay in the L2 cache across all passes, each pass is one fused walk over
+them, nothing of u_hat's size is kept. Elsewhere (CUDA, a CPU without a C compiler) the torch path,
+one autograd function (``PredictAndRoute``): the prediction vectors u_hat_j|i = W_ij u_i are made by
+one batched matrix product over the children and stored parent-major, (B, J, I, D): for every
+(example, parent) the I x D block of predictions is contiguous, so both routing contractions - s_j =
+sum_i c_ij u_hat_j|i and the agreement u_hat_j|i . v_j - are batched matrix-vector products that
+stream u_hat once each; on a CPU it works through the batch in cache-sized chunks of examples, keeps
+neither u_hat nor its gradient for the whole batch (the backward recomputes each chunk's u_hat and
+expands its gradient from 2r - 1 outer-product terms a chunk at a time), so its memory is flat in
+the batch size beyond one chunk. Nothing of size B x I x J x D x P is ever formed.
 """
 
 from __future__ import annotations
@@ -156,65 +156,19 @@ def _route_backward(u_hat_BJID: torch.Tensor, cs, ss, g_v_BJD: torch.Tensor, wit
     return x_NKI, y_NKD, g_bias_JD
 
 
-def _save_routing(ctx, saved, iterations: int, bias_JD, cs) -> None:
-    """What both routing functions keep for their backward; the couplings are outputs only."""
-    ctx.save_for_backward(*saved)
-    ctx.iterations = iterations
-    ctx.bias_dtype = bias_JD.dtype if bias_JD is not None else None
-    ctx.mark_non_differentiable(*cs)
-
-
-class RoutingByAgreement(torch.autograd.Function):
-    """Procedure 1 of Sabour et al. (2017) on parent-major predictions u_hat (B, J, I, D).
-
-    apply(u_hat_BJID, bias_JD or None, iterations) -> (v_BJD fp32, c_BJI fp32 of every pass):
-    the output capsules, then the coupling coefficients of each pass (not differentiable).
-    Contractions run in u_hat's dtype (bf16 under autocast); logits, softmax and squash in fp32.
-    Gradients flow through every pass, agreement included, exactly as autograd would compute
-    them; the backward reads u_hat four times (three passes) and writes its gradient once.
-    """
-
-    @staticmethod
-    def forward(ctx, u_hat_BJID, bias_JD, iterations: int):
-        v_BJD, cs, ss = _route_forward(u_hat_BJID, bias_JD, iterations)
-        _save_routing(ctx, (u_hat_BJID, *cs, *ss), iterations, bias_JD, cs)
-        return (v_BJD, *cs)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_v_BJD, *_g_c):
-        R = ctx.iterations
-        u_hat_BJID, *saved = ctx.saved_tensors
-        x_NKI, y_NKD, g_bias_JD = _route_backward(u_hat_BJID, saved[:R], saved[R:], g_v_BJD,
-                                                  ctx.bias_dtype is not None)
-        g_u_hat_BJID = torch.bmm(x_NKI.transpose(1, 2), y_NKD).view(u_hat_BJID.shape)
-        if g_bias_JD is not None:
-            g_bias_JD = g_bias_JD.to(ctx.bias_dtype)
-        return g_u_hat_BJID, g_bias_JD, None
-
-
-def route_BJID(u_hat_BJID: torch.Tensor, iterations: int, bias_JD: torch.Tensor | None = None,
-               keep: bool = False):
-    """Routing by agreement on parent-major predictions (B, J, I, D) (the fast layout).
-
-    Returns v (B, J, D) fp32 and, when ``keep``, the coupling c (B, I, J) of each pass.
-    """
-    v_BJD, *cs = RoutingByAgreement.apply(u_hat_BJID, bias_JD, iterations)
-    couplings = [c_BJI.transpose(1, 2) for c_BJI in cs] if keep else []
-    return v_BJD, couplings
-
-
 def route(u_hat_BIJD: torch.Tensor, iterations: int, bias_JD: torch.Tensor | None = None,
           keep: bool = False):
-    """Routing by agreement (Sabour et al. 2017, Procedure 1), per example.
+    """Routing by agreement (Sabour et al. 2017, Procedure 1), per example, on given predictions.
 
     b_ij starts at zero for every example; each of ``iterations`` passes takes the coupling
     c_ij = softmax_j(b_ij) over the parents, s_j = sum_i c_ij u_hat_j|i, v_j = squash(s_j); all but
-    the last pass then add the agreement u_hat_j|i . v_j to b_ij. Gradients flow through every pass.
-    Takes u_hat (B, I, J, D); returns v (B, J, D) in fp32 and, when ``keep``, the coupling c
-    (B, I, J) of each pass. (The layer itself calls ``route_BJID`` on its parent-major layout.)
+    the last pass then add the agreement u_hat_j|i . v_j to b_ij. Takes u_hat (B, I, J, D);
+    returns v (B, J, D) in fp32 and, when ``keep``, the coupling c (B, I, J) of each pass
+    (detached). Gradients flow through every pass by plain autograd: the layer's own passes
+    (``RoutedCapsules``) are the same ``_route_forward`` with a hand-written backward.
     """
-    return route_BJID(u_hat_BIJD.transpose(1, 2).contiguous(), iterations, bias_JD, keep)
+    v_BJD, cs, _ = _route_forward(u_hat_BIJD.transpose(1, 2).contiguous(), bias_JD, iterations)
+    return v_BJD, ([c_BJI.detach().transpose(1, 2) for c_BJI in cs] if keep else [])
 
 
 CHUNK = 128  # children per chunk when u_hat changes layout (8 MB at batch 100, fp32)
@@ -233,7 +187,7 @@ def _predict(u_IBP: torch.Tensor, W_IPK: torch.Tensor, J: int, chunk: int | None
     child-major layout, which is moved into the parent-major tensor ``chunk`` children at a
     time (None: all at once), so the only temporary is one chunk. Plain autograd ops:
     differentiable as they stand (``RoutedCapsules.predictions``); ``PredictAndRoute`` calls
-    it without autograd and writes its own backward."""
+    it inside its forward and writes its own backward."""
     I, B, _ = u_IBP.shape
     D = W_IPK.shape[2] // J
     chunk = chunk or I
@@ -274,49 +228,50 @@ def _kernel_applies(u_BIP: torch.Tensor, W_IJDP: torch.Tensor, bias_JD, iteratio
 def _kernel_layouts(u_BIP: torch.Tensor, W_IJDP: torch.Tensor):
     """u^T and W in the kernel's tiled layouts, children cut into V tiles of VL (padded with
     children whose u and W are zero: they predict zero and change nothing): u (B, V, P, VL) and
-    W (V, J*D, P, VL)."""
+    W (V, J*D, P, VL), contiguous copies (autograd maps their gradients back)."""
     I, J, D, P = W_IJDP.shape
     B, VL = u_BIP.shape[0], routing_kernel.VL
     pad = -I % VL
     V = (I + pad) // VL
-    u_BVPL = F.pad(u_BIP.detach(), (0, 0, 0, pad)).reshape(B, V, VL, P).transpose(2, 3)
-    W_VKPL = F.pad(W_IJDP.detach(), (0, 0, 0, 0, 0, 0, 0, pad)).reshape(V, VL, J * D, P)
-    return u_BVPL.contiguous(), W_VKPL.permute(0, 2, 3, 1).contiguous()
+    if pad:  # (F.pad would copy even when there is nothing to pad)
+        u_BIP = F.pad(u_BIP, (0, 0, 0, pad))
+        W_IJDP = F.pad(W_IJDP, (0, 0, 0, 0, 0, 0, 0, pad))
+    u_BVPL = u_BIP.reshape(B, V, VL, P).transpose(2, 3)
+    W_VKPL = W_IJDP.reshape(V, VL, J * D, P).permute(0, 2, 3, 1)
+    return u_BVPL.contiguous(), W_VKPL.contiguous()
+
+
+def _kernel_layer(u_BIP: torch.Tensor, W_IJDP: torch.Tensor, bias_JD, iterations: int):
+    """The layer in the compiled kernel (``torch.ops.capsctl.routed_layer``, forward and
+    backward, fp32): returns v (B, J, D) and the coupling c (B, J, I) of every pass."""
+    I, J = W_IJDP.shape[:2]
+    u_BVPL, W_VKPL = _kernel_layouts(u_BIP, W_IJDP)
+    bias_K = None if bias_JD is None else bias_JD.reshape(-1)
+    v_BJD, c_RBJI, _ = torch.ops.capsctl.routed_layer(u_BVPL, W_VKPL, bias_K, J, iterations)
+    return v_BJD, [c_RBJI[r, :, :, :I] for r in range(iterations)]
 
 
 class PredictAndRoute(torch.autograd.Function):
-    """A whole routed capsule layer: predictions u_hat = W u, then routing by agreement.
+    """The routed capsule layer's torch path (CUDA, fp64, a CPU without the compiled kernel):
+    predictions u_hat = W u, then routing by agreement, as one autograd function.
 
-    apply(u_BIP, W_IJDP, bias_JD or None, iterations, dtype) -> (v_BJD, c_BJI of every pass).
-
-    On a CPU with fp32 u and W, the compiled kernel (``routing_kernel``) does the whole layer,
-    forward and backward, in fp32 - under bf16 autocast too (the layer is memory-bound there;
-    bf16 would not make it faster). Elsewhere (CUDA, fp64, no compiler) the torch path below:
+    apply(u_BIP, W_IJDP, bias_JD or None, iterations, dtype) -> (v_BJD, c_BJI of every pass):
     products over u_hat in ``dtype`` (autocast's); logits, softmax and squash in fp32.
 
-    Torch path. On a CPU, routing being per example, the layer runs a chunk of examples at a
-    time (``batch_chunk``: u_hat of a chunk is about 8 MB), so every pass over u_hat reads a
-    chunk that sits in the cache instead of main memory, and neither u_hat nor its gradient ever
+    On a CPU, routing being per example, the layer runs a chunk of examples at a time
+    (``batch_chunk``: u_hat of a chunk is about 8 MB), so every pass over u_hat reads a chunk
+    that sits in the cache instead of main memory, and neither u_hat nor its gradient ever
     exists for more than one chunk: the forward does not keep u_hat, the backward recomputes
     each chunk's (one cheap product, P = 8 multiply-adds per element; measured: no slower than
     keeping it) before walking the passes back. The layer's memory is then flat in the batch
     size beyond one chunk. On CUDA the whole batch is one chunk and u_hat is kept. The same
-    values as ``route_BJID(layer.predictions_BJID(u))`` up to the order of the sums over the
-    batch in W's gradient.
+    values as ``route(layer.predictions(u))`` up to the order of the sums over the batch in W's
+    gradient.
     """
 
     @staticmethod
     def forward(ctx, u_BIP, W_IJDP, bias_JD, iterations: int, dtype):
         I, J, D, _ = W_IJDP.shape
-        ctx.kernel = _kernel_applies(u_BIP, W_IJDP, bias_JD, iterations)
-        ctx.I, ctx.J, ctx.dtypes = I, J, (u_BIP.dtype, W_IJDP.dtype)
-        if ctx.kernel:
-            u_BVPL, W_VKPL = _kernel_layouts(u_BIP, W_IJDP)
-            bias_K = None if bias_JD is None else bias_JD.detach().reshape(-1).contiguous()
-            v_BJD, c_RBJI, s_RBJD = routing_kernel.forward(u_BVPL, W_VKPL, J, iterations, bias_K)
-            cs = [c_RBJI[r, :, :, :I] for r in range(iterations)]
-            _save_routing(ctx, (u_BVPL, W_VKPL, c_RBJI, s_RBJD), iterations, bias_JD, cs)
-            return (v_BJD, *cs)
         B = u_BIP.shape[0]
         step, keep = chunk_plan(u_BIP.device, B, J, I, D, dtype)
         vs, kept = [], []
@@ -335,15 +290,16 @@ class PredictAndRoute(torch.autograd.Function):
                     ss[r].append(ss_b[r])
         cat = (lambda ts: ts[0]) if len(vs) == 1 else (lambda ts: torch.cat(ts))
         v_BJD, cs, ss = cat(vs), [cat(c) for c in cs], [cat(x) for x in ss]
-        _save_routing(ctx, (u_IBP, W_IPK, *cs, *ss, *kept), iterations, bias_JD, cs)
-        ctx.step = step
+        ctx.save_for_backward(u_IBP, W_IPK, *cs, *ss, *kept)
+        ctx.mark_non_differentiable(*cs)  # the couplings are outputs only
+        ctx.iterations, ctx.step, ctx.J = iterations, step, J
+        ctx.dtypes = (u_BIP.dtype, W_IJDP.dtype)
+        ctx.bias_dtype = bias_JD.dtype if bias_JD is not None else None
         return (v_BJD, *cs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_v_BJD, *_g_c):
-        if ctx.kernel:
-            return PredictAndRoute._kernel_backward(ctx, g_v_BJD)
         R, step, J = ctx.iterations, ctx.step, ctx.J
         u_IBP, W_IPK, *saved = ctx.saved_tensors
         cs, ss, kept = saved[:R], saved[R:2 * R], saved[2 * R:]
@@ -376,21 +332,27 @@ class PredictAndRoute(torch.autograd.Function):
             g_bias_JD = g_bias_JD.to(ctx.bias_dtype)
         return g_u, g_W, g_bias_JD, None, None
 
-    @staticmethod
-    def _kernel_backward(ctx, g_v_BJD):
-        u_BVPL, W_VKPL, c_RBJI, s_RBJD = ctx.saved_tensors
-        V, K, P, VL = W_VKPL.shape
-        I, J, B = ctx.I, ctx.J, u_BVPL.shape[0]
-        g_u, g_W, g_s = routing_kernel.backward(u_BVPL, W_VKPL, J, ctx.iterations, c_RBJI,
-                                                s_RBJD, g_v_BJD.float())
-        need_u, need_W = ctx.needs_input_grad[:2]
-        if need_u:  # (B, V, P, VL) -> (B, I, P)
-            g_u = g_u.transpose(2, 3).reshape(B, V * VL, P)[:, :I].contiguous()
-        if need_W:  # (V, K, P, VL) -> (I, J, D, P)
-            g_W = g_W.permute(0, 3, 1, 2).reshape(V * VL, J, K // J, P)[:I].contiguous()
-        g_bias = (g_s.sum((0, 1)).reshape(J, K // J).to(ctx.bias_dtype)
-                  if ctx.bias_dtype is not None else None)
-        return (g_u if need_u else None), (g_W if need_W else None), g_bias, None, None
+
+def _product_dtype(u_BIP: torch.Tensor) -> torch.dtype:
+    """The dtype of the prediction products (a matmul): autocast's when it is on, else u's."""
+    if torch.is_autocast_enabled(u_BIP.device.type):
+        return torch.get_autocast_dtype(u_BIP.device.type)
+    return u_BIP.dtype
+
+
+def predict_and_route(u_BIP: torch.Tensor, W_IJDP: torch.Tensor, bias_JD, iterations: int):
+    """A whole routed capsule layer: predictions u_hat = W u, then routing by agreement.
+    Returns v (B, J, D) fp32 and the coupling c (B, J, I) of every pass (not differentiable).
+
+    On a CPU with fp32 u and W, the compiled kernel (``routing_kernel``) does the whole layer,
+    forward and backward, in fp32 - under bf16 autocast too (the layer is memory-bound there;
+    bf16 would not make it faster). Elsewhere (CUDA, fp64, no compiler) the torch path,
+    ``PredictAndRoute``."""
+    if _kernel_applies(u_BIP, W_IJDP, bias_JD, iterations):
+        return _kernel_layer(u_BIP, W_IJDP, bias_JD, iterations)
+    v_BJD, *cs = PredictAndRoute.apply(u_BIP, W_IJDP, bias_JD, iterations,
+                                       _product_dtype(u_BIP))
+    return v_BJD, cs
 
 
 class RoutedCapsules(nn.Module):
@@ -404,27 +366,16 @@ class RoutedCapsules(nn.Module):
         self.W_IJDP = nn.Parameter(torch.randn(in_caps, out_caps, out_dim, in_dim) * init_std)
         self.bias_JD = nn.Parameter(torch.zeros(out_caps, out_dim)) if bias else None
 
-    def predictions_BJID(self, u_BIP: torch.Tensor) -> torch.Tensor:
-        """u_hat (B, J, I, D), contiguous, differentiable (the layer's forward does not form it
-        for the whole batch; this is for inspection and the public ``route``)."""
-        J = self.W_IJDP.shape[1]
-        return _predict(*_prepare(u_BIP, self.W_IJDP, self._dtype(u_BIP)), J)
-
-    @staticmethod
-    def _dtype(u_BIP: torch.Tensor) -> torch.dtype:
-        """The predictions are a matmul: autocast's dtype when it is on, else u's."""
-        if torch.is_autocast_enabled(u_BIP.device.type):
-            return torch.get_autocast_dtype(u_BIP.device.type)
-        return u_BIP.dtype
-
     def predictions(self, u_BIP: torch.Tensor) -> torch.Tensor:
-        """u_hat (B, I, J, D): u_hat[b, i, j] = W_ij u_i. A transposed view of the parent-major
-        tensor the layer routes on (same values; call ``.contiguous()`` if you need that layout
-        in memory)."""
-        return self.predictions_BJID(u_BIP).transpose(1, 2)
+        """u_hat (B, I, J, D): u_hat[b, i, j] = W_ij u_i, differentiable (for inspection and the
+        public ``route``; the layer's forward never forms it for the whole batch). A transposed
+        view of a parent-major tensor (call ``.contiguous()`` if you need this layout in
+        memory)."""
+        J = self.W_IJDP.shape[1]
+        u_IBP, W_IPK = _prepare(u_BIP, self.W_IJDP, _product_dtype(u_BIP))
+        return _predict(u_IBP, W_IPK, J).transpose(1, 2)
 
     def forward(self, u_BIP: torch.Tensor, keep_routing: bool = False):
         """v (B, J, D) fp32 and, when ``keep_routing``, the couplings (B, I, J) of every pass."""
-        v_BJD, *cs = PredictAndRoute.apply(u_BIP, self.W_IJDP, self.bias_JD, self.iterations,
-                                           self._dtype(u_BIP))
+        v_BJD, cs = predict_and_route(u_BIP, self.W_IJDP, self.bias_JD, self.iterations)
         return v_BJD, ([c_BJI.transpose(1, 2) for c_BJI in cs] if keep_routing else [])

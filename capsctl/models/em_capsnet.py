@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsctl.config import ModelConfig
+from capsctl.models.em_config import EMCapsNetConfig, SpreadLossConfig
 from capsctl.models.capsnet import Decoder
 from capsctl.models.em_routing import EMRouting, PatchSoftmax
 from capsctl.models.losses import reconstruction_sse
@@ -97,12 +97,12 @@ class ConvCaps(nn.Module):
     shared across positions; EM routing in every k x k patch, a child's R normalised over all
     the patches it appears in."""
 
-    def __init__(self, in_types: int, out_types: int, k: int, stride: int, m: ModelConfig):
+    def __init__(self, in_types: int, out_types: int, k: int, stride: int, m: EMCapsNetConfig):
         super().__init__()
         self.k, self.stride, self.in_types, self.out_types = k, stride, in_types, out_types
-        self.W_KTJ44 = _init_transforms((k * k, in_types, out_types), m.em_init_std)
-        self.routing = EMRouting(out_types, m.em_iterations, m.em_lambda, m.em_lambda_rate,
-                                 m.em_var_floor)
+        self.W_KTJ44 = _init_transforms((k * k, in_types, out_types), m.init_std)
+        self.routing = EMRouting(out_types, m.iterations, m.inverse_temperature,
+                                 m.inverse_temperature_rate, m.var_floor)
         self._index_cache: dict = {}
 
     def _child_index(self, rows: int, cols: int, device) -> torch.Tensor:
@@ -132,12 +132,12 @@ class ClassCaps(nn.Module):
     """Fully connected capsules, one per class: one W per (child type, class) shared across
     positions, plus coordinate addition; EM routing over all B*X*Y*T children."""
 
-    def __init__(self, in_types: int, classes: int, m: ModelConfig):
+    def __init__(self, in_types: int, classes: int, m: EMCapsNetConfig):
         super().__init__()
-        self.W_TJ44 = _init_transforms((in_types, classes), m.em_init_std)
-        self.routing = EMRouting(classes, m.em_iterations, m.em_lambda, m.em_lambda_rate,
-                                 m.em_var_floor)
-        self.coord_add = m.em_coordinate_addition
+        self.W_TJ44 = _init_transforms((in_types, classes), m.init_std)
+        self.routing = EMRouting(classes, m.iterations, m.inverse_temperature,
+                                 m.inverse_temperature_rate, m.var_floor)
+        self.coord_add = m.coordinate_addition
         self.scale = 1.0 / m.input_size   # coordinates in input sizes of the configured model
         self._offset_cache: dict = {}
 
@@ -164,10 +164,15 @@ class ClassCaps(nn.Module):
 
 
 class EMCapsNet(nn.Module):
-    def __init__(self, m: ModelConfig):
+    """Honours capsctl/models/contract.py: matrix class capsules ``pose``, EM assignments."""
+
+    capsule_key = "pose"
+    routing_label = "assignment R"
+
+    def __init__(self, m: EMCapsNetConfig):
         super().__init__()
         self.cfg = m
-        A, Bt, C, D = m.em_conv1_channels, m.em_primary_types, m.em_caps1_types, m.em_caps2_types
+        A, Bt, C, D = m.conv1_channels, m.primary_types, m.caps1_types, m.caps2_types
         self.conv1 = nn.Conv2d(m.in_channels, A, CONV1_K, CONV1_S)
         self.primary = PrimaryMatrixCaps(A, Bt)
         self.caps1 = ConvCaps(Bt, C, CAPS_K, STRIDES["caps1"], m)
@@ -181,7 +186,23 @@ class EMCapsNet(nn.Module):
         """(types, rows, cols) of the class layer's children for the configured input size:
         row i of a routing matrix is child (i // (rows*cols), (i // cols) % rows, i % cols)."""
         g = grid_sizes(self.cfg.input_size)[2]
-        return (self.cfg.em_caps2_types, g, g)
+        return (self.cfg.caps2_types, g, g)
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.decoder is not None
+
+    def decode(self, pose_BJH: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
+        """Reconstruct from the pose of ``classes_B`` alone (the others masked to zero);
+        ``classes`` (B, K) decodes each of the K poses on its own: recon (B, K, N)."""
+        if classes_B.dim() == 2:
+            B, K = classes_B.shape
+            pose_BKJH = pose_BJH.unsqueeze(1).expand(B, K, *pose_BJH.shape[1:])
+            recon_bN = self.decode(pose_BKJH.reshape(B * K, *pose_BJH.shape[1:]),
+                                   classes_B.reshape(-1))
+            return recon_bN.view(B, K, -1)
+        mask_BJ = F.one_hot(classes_B, pose_BJH.shape[1]).to(pose_BJH.dtype)
+        return self.decoder(pose_BJH * mask_BJ.unsqueeze(-1)).float()
 
     def encode(self, x: torch.Tensor, keep_routing: bool = False):
         h = F.relu(self.conv1(x))
@@ -195,9 +216,7 @@ class EMCapsNet(nn.Module):
         pose_BJH, a_BJ, routing = self.encode(x, keep_routing)
         out = {"scores": a_BJ, "pose": pose_BJH}
         if self.decoder is not None:
-            classes = y if y is not None else a_BJ.argmax(dim=1)
-            mask_BJ = F.one_hot(classes, a_BJ.shape[1]).to(pose_BJH.dtype)
-            out["recon"] = self.decoder(pose_BJH * mask_BJ.unsqueeze(-1)).float()
+            out["recon"] = self.decode(pose_BJH, y if y is not None else a_BJ.argmax(dim=1))
         if keep_routing:
             out["routing"] = routing
         return out
@@ -221,10 +240,10 @@ def spread_loss(a_BJ: torch.Tensor, y_B: torch.Tensor, margin: float) -> torch.T
     return (gap_BJ * wrong_BJ).sum(dim=1)
 
 
-def em_losses(out: dict, batch: dict, cfg, step: int) -> dict[str, torch.Tensor]:
-    """Spread loss (margin by ``step``) + optional reconstruction term; ``cfg`` is the Config."""
-    lc = cfg.loss
-    m = spread_margin(step, lc.spread_m_start, lc.spread_m_end, lc.spread_m_steps)
+def em_losses(out: dict, batch: dict, lc: SpreadLossConfig, step: int = 0
+              ) -> dict[str, torch.Tensor]:
+    """Spread loss (margin by ``step``) + optional reconstruction term."""
+    m = spread_margin(step, lc.m_start, lc.m_end, lc.m_steps)
     losses = {"spread": spread_loss(out["scores"], batch["y"], m).mean()}
     total = losses["spread"]
     if "recon" in out and lc.recon_weight > 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from capsctl.config import LossConfig
+from capsctl.models.capsnet_config import MarginLossConfig
 
 
 def margin_loss(lengths_BJ: torch.Tensor, targets_BJ: torch.Tensor, m_plus: float = 0.9,
@@ -25,7 +25,9 @@ def reconstruction_sse(recon_BN: torch.Tensor, images: torch.Tensor) -> torch.Te
     return (recon_BN.float() - images.flatten(1).float()).pow(2).sum(dim=1)
 
 
-def capsnet_losses(out: dict, batch: dict, cfg: LossConfig) -> dict[str, torch.Tensor]:
+def capsnet_losses(out: dict, batch: dict, cfg: MarginLossConfig, step: int = 0
+                   ) -> dict[str, torch.Tensor]:
+    """One label per image: the margin loss plus the weighted reconstruction error."""
     targets = F.one_hot(batch["y"], out["scores"].shape[1])
     losses = {"margin": margin_loss(out["scores"], targets, cfg.m_plus, cfg.m_minus,
                                     cfg.down_weight).mean()}
@@ -38,20 +40,19 @@ def capsnet_losses(out: dict, batch: dict, cfg: LossConfig) -> dict[str, torch.T
     return losses
 
 
-def label_targets(batch: dict, num_classes: int) -> torch.Tensor:
-    """(B, J) 0/1 targets: the label ``y``, plus ``y2`` when the batch has a second digit."""
-    targets = F.one_hot(batch["y"], num_classes)
-    if "y2" in batch:
-        targets = (targets + F.one_hot(batch["y2"], num_classes)).clamp(max=1)
-    return targets
+def pair_targets(batch: dict, num_classes: int) -> torch.Tensor:
+    """(B, J) 0/1 targets of a two-label batch: both ``y`` and ``y2`` present."""
+    targets = F.one_hot(batch["y"], num_classes) + F.one_hot(batch["y2"], num_classes)
+    return targets.clamp(max=1)
 
 
-def multimnist_losses(out: dict, batch: dict, cfg: LossConfig) -> dict[str, torch.Tensor]:
+def multimnist_losses(out: dict, batch: dict, cfg: MarginLossConfig, step: int = 0
+                      ) -> dict[str, torch.Tensor]:
     """Two-digit CapsNet loss (paper section 6): the margin loss with both labels present, plus
     each digit reconstructed from its own capsule against its own source image (``x_a`` for
     ``y``, ``x_b`` for ``y2``), the two weighted SSEs summed. ``out["recon"]`` must be (B, 2, N):
     the model run with ``y = stack([y, y2], 1)``."""
-    targets = label_targets(batch, out["scores"].shape[1])
+    targets = pair_targets(batch, out["scores"].shape[1])
     losses = {"margin": margin_loss(out["scores"], targets, cfg.m_plus, cfg.m_minus,
                                     cfg.down_weight).mean()}
     total = losses["margin"]
@@ -69,10 +70,11 @@ def multimnist_losses(out: dict, batch: dict, cfg: LossConfig) -> dict[str, torc
     return losses
 
 
-def multilabel_bce_losses(out: dict, batch: dict) -> dict[str, torch.Tensor]:
+def multilabel_bce_losses(out: dict, batch: dict, loss_cfg=None, step: int = 0
+                          ) -> dict[str, torch.Tensor]:
     """Sigmoid outputs trained on every present label: binary cross-entropy summed over the
     classes, averaged over the batch (the MultiMNIST baseline CNN)."""
     logits = out["logits"].float()
-    targets = label_targets(batch, logits.shape[1]).float()
+    targets = pair_targets(batch, logits.shape[1]).float()
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(1).mean()
     return {"bce": bce, "total": bce}

@@ -5,7 +5,7 @@ cross-entropy).
 
 Choices where the paper is silent: 5x5 kernels with "same" padding, stride 1. On the 36x36
 MultiMNIST canvas this gives 36 -> 18 -> 9, a 9x9x256 = 20,736 feature vector and 24,535,306
-parameters (the paper: ~24.6M). Widths come from ``model.cnn_channels`` and ``model.cnn_hidden``.
+parameters (the paper: ~24.6M). Widths come from ``model.channels`` and ``model.hidden``.
 
 forward(x, y=None) returns {"scores": (B, K) sigmoid probabilities, "logits": (B, K)}; ``y`` is
 accepted and ignored (the trainer passes labels to every model).
@@ -16,25 +16,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capsctl.config import ModelConfig
-from capsctl.errors import ConfigError
+from capsctl.models.cnn_config import MultiMNISTCNNConfig
 from capsctl.models.cnn import classifier_head
 
 KERNEL = 5
 
 
 class MultiMNISTCNN(nn.Module):
-    def __init__(self, m: ModelConfig):
+    """Honours capsctl/models/contract.py: no capsules, no decoder, no routing."""
+
+    capsule_key = None
+    routing_label = None
+    has_decoder = False
+    routing_layout = None
+
+    def __init__(self, m: MultiMNISTCNNConfig):
         super().__init__()
         self.cfg = m
         layers, channels, side = [], m.in_channels, m.input_size
-        for width in m.cnn_channels:
+        for width in m.channels:
             layers += [nn.Conv2d(channels, width, KERNEL, padding=KERNEL // 2),
                        nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             channels, side = width, side // 2
-        if side < 1:
-            raise ConfigError(f"model.input_size={m.input_size} is too small for "
-                             f"{len(m.cnn_channels)} 2x2 poolings")
         self.features = nn.Sequential(*layers)
         self.classifier = classifier_head(channels * side * side, m)
 

@@ -1,4 +1,5 @@
-"""The CPU capsule-layer kernel (``routing_kernel.c``): compiled on first use, loaded with ctypes.
+"""The CPU capsule-layer kernel (``routing_kernel.c``): compiled on first use, loaded with ctypes,
+registered as the torch operator ``torch.ops.capsctl.routed_layer`` (autograd, fake tensors).
 
 On a CPU, the routed capsule layer (predictions u_hat = W u and routing by agreement, forward
 and backward) runs in this C kernel: per example, its predictions stay in the core's L2 cache
@@ -118,26 +119,37 @@ def _bind(path: Path):
 
 def load():
     """The loaded kernel library, or None: switched off, or it could not be built (then the
-    torch path is used, with one warning that says why; the outcome is kept for the process)."""
+    torch path is used, with one warning that says why; the outcome is kept for the process).
+    Once the outcome is kept, a lock-free dict read (which torch.compile traces without a
+    graph break)."""
     if not enabled():
         return None
+    if "lib" not in _state:
+        _load_once()
+    return _state["lib"]
+
+
+def _load_once() -> None:
+    """Build and bind the library, or find out why not; sets _state["why"], then ["lib"]."""
     with _lock:
-        if "lib" not in _state:
-            _state["lib"], _state["why"] = None, None
-            cc = os.environ.get("CC") or "cc"
-            if os.name != "posix":
-                _state["why"] = "only built on Linux and macOS"
-            elif shutil.which(cc) is None:
-                _state["why"] = f"no C compiler ({cc}) found"
-            else:
-                try:
-                    _state["lib"] = _bind(_compile(cc))
-                except Exception as e:  # any failure: fall back to the torch path
-                    _state["why"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            if _state["lib"] is None:
-                warnings.warn(f"capsctl: CPU routing kernel unavailable ({_state['why']}); "
-                              "using the slower torch routing", RuntimeWarning, stacklevel=2)
-        return _state["lib"]
+        if "lib" in _state:
+            return
+        lib, why = None, None
+        cc = os.environ.get("CC") or "cc"
+        if os.name != "posix":
+            why = "only built on Linux and macOS"
+        elif shutil.which(cc) is None:
+            why = f"no C compiler ({cc}) found"
+        else:
+            try:
+                lib = _bind(_compile(cc))
+            except Exception as e:  # any failure: fall back to the torch path
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        if lib is None:
+            warnings.warn(f"capsctl: CPU routing kernel unavailable ({why}); "
+                          "using the slower torch routing", RuntimeWarning, stacklevel=3)
+        _state["why"] = why
+        _state["lib"] = lib  # last: a reader without the lock sees "lib" only when complete
 
 
 def status() -> str:
@@ -160,34 +172,93 @@ def _threads(B: int) -> int:
     return max(1, min(torch.get_num_threads(), B))
 
 
-def forward(u_BVPL: torch.Tensor, W_VKPL: torch.Tensor, J: int, R: int,
-            bias_K: torch.Tensor | None):
+def _library():
+    """The loaded library; RuntimeError when the kernel is switched off or could not be built
+    (the layer checks ``load()`` first: this is for direct calls of the operators)."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the CPU capsule-layer kernel is not available: {status()}")
+    return lib
+
+
+# The kernel as two torch operators, capsctl::routed_layer and its backward, so that autograd,
+# fake tensors and torch.compile see one opaque op per direction (compile traces around it; the
+# layout copies before it are plain torch ops). Defined with torch.library.define and
+# torch.library.impl rather than torch.library.custom_op: a custom_op's kernel is wrapped in
+# torch._disable_dynamo, whose first eager call imports torch._dynamo (about 150 MB of resident
+# memory, 1.5 s), which the trainer otherwise never loads (see capsctl/optim.py).
+torch.library.define(
+    "capsctl::routed_layer",
+    "(Tensor u_BVPL, Tensor W_VKPL, Tensor? bias_K, int J, int iterations)"
+    " -> (Tensor v_BJD, Tensor c_RBJI, Tensor s_RBJD)")
+torch.library.define(
+    "capsctl::routed_layer_backward",
+    "(Tensor u_BVPL, Tensor W_VKPL, Tensor c_RBJI, Tensor s_RBJD, Tensor g_v_BJD)"
+    " -> (Tensor g_u_BVPL, Tensor g_W_VKPL, Tensor g_s_RBJD)")
+
+
+@torch.library.impl("capsctl::routed_layer", "cpu")
+def _forward(u_BVPL: torch.Tensor, W_VKPL: torch.Tensor, bias_K: torch.Tensor | None, J: int,
+             iterations: int):
     """v (B, J, D), couplings c (R, B, J, I) and pre-squash sums s (R, B, J, D) of the layer,
     from u and W in the tiled layouts (contiguous fp32; I = V * VL children, K = J * D)."""
-    lib = load()
+    lib = _library()
     B, V, P, _ = u_BVPL.shape
     I, D = V * VL, W_VKPL.shape[1] // J
     v = u_BVPL.new_empty(B, J, D)
-    c = u_BVPL.new_empty(R, B, J, I)
-    s = u_BVPL.new_empty(R, B, J, D)
-    _check(lib.capsctl_layer_forward(_ptr(u_BVPL), _ptr(W_VKPL), B, I, J, D, P, R, _ptr(bias_K),
-                                     _threads(B), _ptr(v), _ptr(c), _ptr(s)))
+    c = u_BVPL.new_empty(iterations, B, J, I)
+    s = u_BVPL.new_empty(iterations, B, J, D)
+    _check(lib.capsctl_layer_forward(_ptr(u_BVPL), _ptr(W_VKPL), B, I, J, D, P, iterations,
+                                     _ptr(bias_K), _threads(B), _ptr(v), _ptr(c), _ptr(s)))
     return v, c, s
 
 
-def backward(u_BVPL: torch.Tensor, W_VKPL: torch.Tensor, J: int, R: int, c: torch.Tensor,
-             s: torch.Tensor, g_v_BJD: torch.Tensor):
+@torch.library.register_fake("capsctl::routed_layer")
+def _forward_shapes(u_BVPL, W_VKPL, bias_K, J, iterations):
+    B, V, _, L = u_BVPL.shape
+    D = W_VKPL.shape[1] // J
+    return (u_BVPL.new_empty(B, J, D), u_BVPL.new_empty(iterations, B, J, V * L),
+            u_BVPL.new_empty(iterations, B, J, D))
+
+
+@torch.library.impl("capsctl::routed_layer_backward", "cpu")
+def _backward(u_BVPL: torch.Tensor, W_VKPL: torch.Tensor, c_RBJI: torch.Tensor,
+              s_RBJD: torch.Tensor, g_v_BJD: torch.Tensor):
     """(dL/du (B, V, P, VL), dL/dW (V, K, P, VL), dL/ds (R, B, J, D)) from dL/dv: the gradients
     in the same tiled layouts as u and W."""
-    lib = load()
+    lib = _library()
     B, V, P, _ = u_BVPL.shape
+    R, _, J, _ = c_RBJI.shape
     K = W_VKPL.shape[1]
     n = _threads(B)
     g_u = torch.empty_like(u_BVPL)
     g_Ws = W_VKPL.new_zeros(n, *W_VKPL.shape)  # one per thread, summed below
-    g_s = s.new_empty(s.shape)
+    g_s = s_RBJD.new_empty(s_RBJD.shape)
     g_v = g_v_BJD.contiguous()
     _check(lib.capsctl_layer_backward(_ptr(u_BVPL), _ptr(W_VKPL), B, V * VL, J, K // J, P, R, n,
-                                      _ptr(c), _ptr(s), _ptr(g_v), _ptr(g_u), _ptr(g_Ws),
-                                      _ptr(g_s)))
+                                      _ptr(c_RBJI), _ptr(s_RBJD), _ptr(g_v), _ptr(g_u),
+                                      _ptr(g_Ws), _ptr(g_s)))
     return g_u, (g_Ws[0] if n == 1 else g_Ws.sum(0)), g_s
+
+
+@torch.library.register_fake("capsctl::routed_layer_backward")
+def _backward_shapes(u_BVPL, W_VKPL, c_RBJI, s_RBJD, g_v_BJD):
+    return torch.empty_like(u_BVPL), torch.empty_like(W_VKPL), torch.empty_like(s_RBJD)
+
+
+def _keep_for_backward(ctx, inputs, output) -> None:
+    u_BVPL, W_VKPL, bias_K, _, _ = inputs
+    _, c_RBJI, s_RBJD = output
+    ctx.save_for_backward(u_BVPL, W_VKPL, c_RBJI, s_RBJD)
+    ctx.with_bias = bias_K is not None
+    ctx.mark_non_differentiable(c_RBJI, s_RBJD)
+
+
+def _gradients(ctx, g_v_BJD, _g_c, _g_s):
+    """(dL/du, dL/dW, dL/dbias or None, None, None) in the op's argument order."""
+    g_u, g_W, g_s_RBJD = torch.ops.capsctl.routed_layer_backward(*ctx.saved_tensors, g_v_BJD)
+    return g_u, g_W, (g_s_RBJD.sum((0, 1)).flatten() if ctx.with_bias else None), None, None
+
+
+torch.library.register_autograd("capsctl::routed_layer", _gradients,
+                                setup_context=_keep_for_backward)

@@ -1,7 +1,10 @@
-"""capsctl data ...: dataset generators and downloads (registered on capsctl.cli.app)."""
+"""capsctl data ...: dataset generators and downloads (a sub-app registered by register()).
+
+The dataset readers are imported inside the commands, so `--help` stays light."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,11 +13,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from capsctl.cli import DataRootOpt, app, cli_errors, err
+from capsctl.cli.options import DataRootOpt, cli_errors, data_root_text, err
+from capsctl.errors import CapsctlError
 
 data_app = typer.Typer(no_args_is_help=True, help="Make or fetch evaluation datasets "
                                                    "(affnist-synth, affnist-download).")
-app.add_typer(data_app, name="data")
 
 
 @data_app.command("affnist-synth")
@@ -46,7 +49,7 @@ def affnist_synth(
     """
     from capsctl.data import affnist, mnist
 
-    root = mnist.resolve_root(str(data_root) if data_root else None)
+    root = mnist.resolve_root(data_root_text(data_root))
     images, labels = mnist.load_split(root, "test")
     target = out if out is not None else root / "affnist-synth"
     ranges = affnist.SynthRanges(rotation, shear, scale_min, scale_max)
@@ -54,8 +57,8 @@ def affnist_synth(
     with Progress(TextColumn("affnist-synth"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task("", total=per_digit)
-        summary = affnist.write_synth(target, images, labels, per_digit, seed, ranges, force,
-                                      progress=lambda k: bar.update(task, completed=k))
+        summary = _write_synth(affnist, target, images, labels, per_digit, seed, ranges,
+                               force, lambda k: bar.update(task, completed=k))
     table = Table(title="affnist-synth (not the official affNIST)")
     table.add_column("item")
     table.add_column("value", justify="right")
@@ -73,6 +76,21 @@ def affnist_synth(
                   "MNIST files and this one as affnist-synth/", highlight=False)
 
 
+def _write_synth(affnist, target: Path, images, labels, per_digit: int, seed: int, ranges,
+                 force: bool, progress) -> dict:
+    """affnist.write_synth, leaving no partial ``.test_batches.writing`` folder behind when it
+    fails (a full disk, Ctrl-C); a failed write names the folder. Returns its summary."""
+    partial = target / f".{affnist.BATCH_DIRS['test']}.writing"
+    try:
+        return affnist.write_synth(target, images, labels, per_digit, seed, ranges, force,
+                                   progress=progress)
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, OSError) and not e.filename:
+            raise OSError(e.errno, e.strerror or str(e), str(partial)) from None
+        raise
+
+
 @data_app.command("affnist-download")
 @cli_errors
 def affnist_download(
@@ -85,12 +103,16 @@ def affnist_download(
 
     Example: capsctl data affnist-download --data-root ~/.cache/capsctl
     """
-    from capsctl.data import affnist, mnist
-    from capsctl.errors import CapsctlError
-
     if split not in ("test", "val"):
         raise CapsctlError(f"--split {split!r}: expected test or val")
-    root = mnist.resolve_root(str(data_root) if data_root else None)
+    from capsctl.data import affnist, mnist
+
+    root = mnist.resolve_root(data_root_text(data_root))
     err.print(f"downloading {affnist.BASE_URL}{affnist.BATCH_DIRS[split]}.zip ...")
     folder = affnist.download(root, split)
     err.print(f"affNIST {split} batches in {folder}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `data` command group to ``app``."""
+    app.add_typer(data_app, name="data")

@@ -1,9 +1,9 @@
-"""reconstruct, perturb and routes: pictures from a checkpoint (registered on capsctl.cli.app)."""
+"""capsctl reconstruct, perturb and routes: pictures from a checkpoint. Each command parses its
+options, calls capsctl.inspect.commands.run_* (which checks every option before writing) and
+prints a summary. torch is imported inside the commands, so their --help stays light."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +11,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from capsctl.cli import DataRootOpt, DeviceOpt, app, cli_errors, err, out
+from capsctl.cli.options import DataRootOpt, DeviceOpt, cli_errors, data_root_text, err, \
+    json_line, out
 from capsctl.errors import CapsctlError
 
 CheckpointArg = Annotated[Path, typer.Argument(
@@ -31,11 +32,8 @@ IndexOpt = Annotated[Optional[int], typer.Option(
     "--index", help="Example index in the split.")]
 
 
-def _root(data_root: Optional[Path]) -> Optional[str]:
-    return str(data_root) if data_root else None
-
-
 def _indices(values: list[str]) -> list[int]:
+    """--indices values (comma-separated and/or repeated) as integers."""
     result = []
     for text in values:
         for part in text.replace(" ", "").split(","):
@@ -52,7 +50,6 @@ def _written(r: dict) -> str:
     return r["png"] + (f"  (TensorBoard: {r['tensorboard']})" if r["tensorboard"] else "")
 
 
-@app.command()
 @cli_errors
 def reconstruct(
     checkpoint: CheckpointArg,
@@ -72,7 +69,7 @@ def reconstruct(
     seed: Annotated[int, typer.Option(
         "--seed", help="Seed of the random choice of examples. Default: 0.")] = 0,
     scale: Annotated[int, typer.Option(
-        "--scale", help="Pixel upscaling factor. Default: 2.")] = 2,
+        "--scale", help="Pixel upscaling factor, 1 to 16. Default: 2.")] = 2,
     out_: OutOpt = None,
     tb: TbOpt = None,
     no_tb: NoTbOpt = False,
@@ -84,10 +81,11 @@ def reconstruct(
     Examples: capsctl reconstruct runs/mnist; capsctl reconstruct runs/mnist/checkpoints/best.pt
     --indices 3,17,42 --mask label --out recon.png
     """
-    from capsctl.visualize import run_reconstruct
+    chosen = _indices(indices)
+    from capsctl.inspect.commands import run_reconstruct
 
-    r = run_reconstruct(checkpoint, dataset, split, n, _indices(indices), not plain, mask, seed,
-                        out_, tb, no_tb, device, _root(data_root), scale)
+    r = run_reconstruct(checkpoint, dataset, split, n, chosen, not plain, mask, seed, out_, tb,
+                        no_tb, device, data_root_text(data_root), scale)
     table = Table(title="capsctl reconstruct")
     table.add_column("")
     table.add_column("value", justify="right")
@@ -100,46 +98,8 @@ def reconstruct(
     out.print(table)
 
 
-@app.command()
-@cli_errors
-def perturb(
-    checkpoint: CheckpointArg,
-    index: IndexOpt = None,
-    digit: Annotated[Optional[str], typer.Option(
-        "--digit", help="A confidently classified example of class K (among the first 1,000 of "
-                        "the split), or 'all' for one of each class. Default: all (unless "
-                        "--index).")] = None,
-    label: Annotated[bool, typer.Option(
-        "--label", help="Perturb the capsule of the label instead of the prediction. Default: "
-                        "the prediction.")] = False,
-    range_: Annotated[float, typer.Option(
-        "--range", help="Largest offset added to a dimension. Default: 0.25.")] = 0.25,
-    step: Annotated[float, typer.Option(
-        "--step", help="Offset step; --range must be a multiple of it. Default: 0.05.")] = 0.05,
-    dataset: DatasetOpt = None,
-    split: SplitOpt = "test",
-    scale: Annotated[int, typer.Option(
-        "--scale", help="Pixel upscaling factor. Default: 3 for one example, 2 for several.")]
-    = 0,
-    out_: OutOpt = None,
-    tb: TbOpt = None,
-    no_tb: NoTbOpt = False,
-    device: DeviceOpt = None,
-    data_root: DataRootOpt = None,
-):
-    """Perturb each dimension of a class capsule and decode (the paper's Figure 4).
-
-    Prints, per dimension, the mean absolute pixel change over the range.
-    Examples: capsctl perturb runs/mnist; capsctl perturb runs/mnist --digit 6 --range 0.3
-    --step 0.1
-    """
-    from capsctl.visualize import run_perturb
-
-    if scale < 0:
-        raise CapsctlError("--scale must be >= 1")
-    r = run_perturb(checkpoint, index, digit, label, range_, step, dataset, split, out_, tb,
-                    no_tb, device, _root(data_root), scale)
-    examples = r["examples"]
+def _change_table(examples: list[dict]) -> Table:
+    """Per dimension (rows), each example's mean |pixel change| x 1000 (columns)."""
     table = Table(title="mean |pixel change| x 1000 per dimension", box=box.SIMPLE_HEAD,
                   padding=(0, 0, 0, 1), pad_edge=False, collapse_padding=True)
     table.add_column("dim", justify="right")
@@ -156,49 +116,57 @@ def perturb(
         if len(examples) > 1:
             cells.append(f"{1000 * sum(values) / len(values):.1f}")
         table.add_row(str(d), *cells)
-    out.print(table)
+    return table
+
+
+@cli_errors
+def perturb(
+    checkpoint: CheckpointArg,
+    index: IndexOpt = None,
+    digit: Annotated[Optional[str], typer.Option(
+        "--digit", help="A confidently classified example of class K (among the first 1,000 of "
+                        "the split), or 'all' for one of each class. Default: all (unless "
+                        "--index).")] = None,
+    label: Annotated[bool, typer.Option(
+        "--label", help="Perturb the capsule of the label instead of the prediction. Default: "
+                        "the prediction.")] = False,
+    range_: Annotated[float, typer.Option(
+        "--range", help="Largest offset added to a dimension (finite, > 0). Default: 0.25.")]
+    = 0.25,
+    step: Annotated[float, typer.Option(
+        "--step", help="Offset step; --range must be a multiple of it, at most 101 columns. "
+                       "Default: 0.05.")] = 0.05,
+    dataset: DatasetOpt = None,
+    split: SplitOpt = "test",
+    scale: Annotated[Optional[int], typer.Option(
+        "--scale", help="Pixel upscaling factor, 1 to 16. Default: 3 for one example, 2 for "
+                        "several.")] = None,
+    out_: OutOpt = None,
+    tb: TbOpt = None,
+    no_tb: NoTbOpt = False,
+    device: DeviceOpt = None,
+    data_root: DataRootOpt = None,
+):
+    """Perturb each dimension of a class capsule and decode (the paper's Figure 4).
+
+    Prints, per dimension, the mean absolute pixel change over the range.
+    Examples: capsctl perturb runs/mnist; capsctl perturb runs/mnist --digit 6 --range 0.3
+    --step 0.1
+    """
+    from capsctl.inspect.commands import run_perturb
+
+    r = run_perturb(checkpoint, index, digit, label, range_, step, dataset, split, out_, tb,
+                    no_tb, device, data_root_text(data_root), scale)
+    examples = r["examples"]
+    out.print(_change_table(examples))
     out.print("columns: the perturbed capsule of example "
               + ", ".join(f"#{e['index']}" for e in examples)
               + "; * misclassified; bold: the 3 largest per example", highlight=False)
     err.print(f"written: {_written(r)}", highlight=False, soft_wrap=True)
 
 
-@app.command()
-@cli_errors
-def routes(
-    checkpoint: CheckpointArg,
-    index: Annotated[Optional[int], typer.Option(
-        "--index", help="Example index in the split. Default: 0.")] = None,
-    digit: Annotated[Optional[int], typer.Option(
-        "--digit", help="Instead of --index: a confidently classified example of class K.")]
-    = None,
-    dataset: DatasetOpt = None,
-    split: SplitOpt = "test",
-    scale: Annotated[int, typer.Option(
-        "--scale", help="Pixel upscaling factor of the input. Default: 3.")] = 3,
-    out_: OutOpt = None,
-    tb: TbOpt = None,
-    no_tb: NoTbOpt = False,
-    device: DeviceOpt = None,
-    data_root: DataRootOpt = None,
-    as_json: Annotated[bool, typer.Option(
-        "--json", help="Print the numbers (couplings per pass, agreement, scores) as one JSON "
-                       "object on stdout. Default: a table.")] = False,
-):
-    """Coupling coefficients after each routing pass as heat maps on the primary grid, per class,
-    beside the input; and the agreement u_hat . v per class.
-
-    Examples: capsctl routes runs/mnist --index 7; capsctl routes runs/mnist --digit 3 --json
-    """
-    from capsctl.visualize import run_routes
-
-    if scale < 1:
-        raise CapsctlError("--scale must be >= 1")
-    r = run_routes(checkpoint, index, None if digit is None else str(digit), dataset, split,
-                   out_, tb, no_tb, device, _root(data_root), scale)
-    if as_json:
-        sys.stdout.write(json.dumps(r) + "\n")
-        return
+def _routes_table(r: dict) -> Table:
+    """Per class: its score, its share of the couplings after each pass, its agreement."""
     table = Table(title=f"capsctl routes: {r['dataset']} {r['split']} #{r['index']}, label "
                         f"{r['label']}, predicted {r['prediction']}")
     table.add_column("class", justify="right")
@@ -213,5 +181,49 @@ def routes(
             row.append(f"{r['agreement_total'][j]:+.3f}")
         style = "bold yellow" if j == r["prediction"] else None
         table.add_row(*row, style=style)
-    out.print(table)
+    return table
+
+
+@cli_errors
+def routes(
+    checkpoint: CheckpointArg,
+    index: Annotated[Optional[int], typer.Option(
+        "--index", help="Example index in the split. Default: 0.")] = None,
+    digit: Annotated[Optional[str], typer.Option(
+        "--digit", help="Instead of --index: a confidently classified example of class K (a "
+                        "class number or name).")]
+    = None,
+    dataset: DatasetOpt = None,
+    split: SplitOpt = "test",
+    scale: Annotated[int, typer.Option(
+        "--scale", help="Pixel upscaling factor of the input, 1 to 16. Default: 3.")] = 3,
+    out_: OutOpt = None,
+    tb: TbOpt = None,
+    no_tb: NoTbOpt = False,
+    device: DeviceOpt = None,
+    data_root: DataRootOpt = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the numbers (couplings per pass, agreement, scores) as one JSON "
+                       "object on stdout. Default: a table.")] = False,
+):
+    """Coupling coefficients after each routing pass as heat maps on the primary grid, per class,
+    beside the input; and the agreement u_hat . v per class.
+
+    Examples: capsctl routes runs/mnist --index 7; capsctl routes runs/mnist --digit 3 --json
+    """
+    from capsctl.inspect.commands import run_routes
+
+    r = run_routes(checkpoint, index, digit, dataset, split,
+                   out_, tb, no_tb, device, data_root_text(data_root), scale)
+    if as_json:
+        json_line(r)
+        return
+    out.print(_routes_table(r))
     err.print(f"written: {_written(r)}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add reconstruct, perturb and routes to ``app``."""
+    app.command("reconstruct")(reconstruct)
+    app.command("perturb")(perturb)
+    app.command("routes")(routes)

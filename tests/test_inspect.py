@@ -1,10 +1,12 @@
-"""reconstruct / perturb / routes: the pictures' geometry, the numbers behind them, and the CLI
-run from a tiny checkpoint."""
+"""reconstruct / perturb / routes: the pictures' geometry, the numbers behind them, the CLI run
+from a tiny checkpoint, and bad options refused in one line before anything is written."""
 
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,10 +17,13 @@ from capsctl import checkpoint
 from capsctl.cli import app
 from capsctl.config import to_dict
 from capsctl.errors import CapsctlError
+from capsctl.inspect import commands, draw
+from capsctl.inspect.draw import tile
+from capsctl.inspect.figures import GAP, pair_grid, reconstruction_figure, segmentation_grid
+from capsctl.inspect.probe import (dimension_change, offsets_for, perturbations,
+                                   reconstruct_batch, routing_maps)
 from capsctl.models import build_model
-from capsctl.visualize import (dimension_change, offsets_for, pair_grid, perturbations,
-                               reconstruct_batch, reconstruction_figure, routing_maps, tile)
-from conftest import tiny_config, write_fake_mnist
+from conftest import REPO, tiny_config, write_fake_mnist
 
 runner = CliRunner()
 
@@ -29,8 +34,15 @@ def cli(*args):
 
 def _model(**model):
     torch.manual_seed(0)
-    cfg = tiny_config(model={"transform_init_std": 0.3, **model})
+    if model.get("name", "capsnet") == "capsnet":
+        model = {"transform_init_std": 0.3, **model}
+    cfg = tiny_config(model=model)
     return build_model(cfg.model).eval(), cfg
+
+
+def _save(path, model, cfg, step=7):
+    checkpoint.save(path, {"model": model.state_dict(), "config": to_dict(cfg), "step": step})
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +50,7 @@ def tiny_run(tmp_path_factory):
     """(run folder with checkpoints/best.pt, fake MNIST root); weights random but fixed."""
     base = tmp_path_factory.mktemp("vis")
     root = write_fake_mnist(base / "mnist")
-    model, cfg = _model()
-    checkpoint.save(base / "run" / "checkpoints" / "best.pt",
-                    {"model": model.state_dict(), "config": to_dict(cfg), "step": 7})
+    _save(base / "run" / "checkpoints" / "best.pt", *_model())
     return base / "run", root
 
 
@@ -53,7 +63,7 @@ def test_pair_grid_keeps_its_shape_contract():
 
 def test_tile_is_a_nearest_upscale():
     img = torch.rand(1, 4, 5)
-    t = torch.from_numpy(__import__("numpy").asarray(tile(img, 3)).copy())
+    t = torch.from_numpy(np.asarray(tile(img, 3)).copy())
     assert t.shape == (12, 15, 3)
     expect = (img[0].clamp(0, 1) * 255).round().to(torch.uint8)
     assert torch.equal(t[1::3, 1::3, 0], expect)          # every 3x3 block is one pixel
@@ -129,6 +139,17 @@ def test_offsets_must_divide_the_range():
         offsets_for(0.25, 0)
 
 
+@pytest.mark.parametrize("range_, step", [(float("inf"), 0.05), (0.25, float("inf")),
+                                          (float("nan"), 0.05), (0.25, float("nan")),
+                                          (-0.25, 0.05), (0.25, -0.05), (1e308, 1e-308),
+                                          (10.0, 0.05), (0.25, 1e-9)])
+def test_offsets_are_finite_positive_and_at_most_101(range_, step):
+    with pytest.raises(CapsctlError) as e:
+        offsets_for(range_, step)
+    assert "\n" not in str(e.value)
+    assert offsets_for(2.5, 0.05).numel() == 101                 # the largest allowed
+
+
 def test_couplings_sum_to_one_over_parents_at_every_pass():
     model, cfg = _model(routing_iterations=3, transform_init_std=2.0)
     x = torch.rand(2, 1, 28, 28)
@@ -153,8 +174,21 @@ def test_couplings_sum_to_one_over_parents_at_every_pass():
 
 
 def test_a_model_without_routing_is_refused():
+    model, _ = _model(name="cnn", channels=[4], hidden=[8])
+    assert model.routing_layout is None
     with pytest.raises(CapsctlError, match="routing"):
-        routing_maps(torch.nn.Linear(2, 2), torch.rand(1, 2))
+        routing_maps(model, torch.rand(1, 1, 28, 28))
+
+
+def test_inspection_reads_models_only_through_the_contract():
+    """No attribute or key probing: the declared capsule_key / has_decoder / routing_layout /
+    routing_label / decode and the source's task say what a model and a batch have."""
+    for path in sorted((REPO / "capsctl" / "inspect").glob("*.py")):
+        text = path.read_text()
+        for pattern in (r"\bgetattr\(", r"\bhasattr\(", r"\"y2\" in", r"\"v\" in",
+                        r"\"pose\" in", r"\.(decoder|primary|digits)\b(?!:)",
+                        r"name == \"(multimnist|em-capsnet)\""):
+            assert not re.search(pattern, text), f"{path.name}: {pattern}"
 
 
 def _png(path):
@@ -207,9 +241,7 @@ def test_cli_reconstruct_perturb_routes_from_a_tiny_checkpoint(tiny_run, tmp_pat
 
 def test_cli_one_line_errors(tiny_run, tmp_path):
     run, root = tiny_run
-    model, cfg = _model(decoder=False)
-    ck = tmp_path / "nodec.pt"
-    checkpoint.save(ck, {"model": model.state_dict(), "config": to_dict(cfg)})
+    ck = _save(tmp_path / "nodec.pt", *_model(decoder=False))
     for cmd in ("reconstruct", "perturb"):
         r = cli(cmd, ck, "--data-root", root, "--no-tb", "--out", tmp_path / "x.png")
         assert r.exit_code == 2, r.output
@@ -225,11 +257,82 @@ def test_cli_one_line_errors(tiny_run, tmp_path):
         r = cli(*args, "--data-root", root, "--no-tb", "--out", tmp_path / "y.png")
         assert r.exit_code == 2, (args, r.output)
         assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "y.png").exists()
+
+
+def test_a_cnn_checkpoint_is_refused_in_one_line(tiny_run, tmp_path):
+    _, root = tiny_run
+    ck = _save(tmp_path / "cnn.pt", *_model(name="cnn", channels=[4], hidden=[8]))
+    for cmd, words in (("reconstruct", "decoder"), ("perturb", "decoder"), ("routes", "routing")):
+        r = cli(cmd, ck, "--data-root", root, "--no-tb", "--out", tmp_path / "x.png")
+        assert r.exit_code == 2 and words in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def _refused(args, out, *more):
+    """Run a command that must fail in one line (exit 2) and leave ``out`` unwritten."""
+    r = cli(*args, "--out", out, *more)
+    assert r.exit_code == 2, (args, r.output)
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    assert "Traceback" not in r.output
+    assert not out.exists(), args
+    return r.output
+
+
+@pytest.mark.parametrize("cmd", ["reconstruct", "perturb", "routes"])
+@pytest.mark.parametrize("scale", ["100000", "0", "-1", "17"])
+def test_scale_is_bounded(tiny_run, tmp_path, cmd, scale):
+    run, root = tiny_run
+    ck = run / "checkpoints" / "best.pt"
+    message = _refused([cmd, ck, "--data-root", root, "--no-tb", "--index" if cmd != "reconstruct"
+                        else "--n", "1", "--scale", scale], tmp_path / "x.png")
+    assert "--scale" in message and "16" in message
+
+
+@pytest.mark.parametrize("range_, step", [("inf", "0.05"), ("0.25", "inf"), ("nan", "0.05"),
+                                          ("1e308", "1e-308"), ("100", "0.05")])
+def test_perturb_range_and_step_are_finite_with_bounded_columns(tiny_run, tmp_path, range_,
+                                                                 step):
+    run, root = tiny_run
+    _refused(["perturb", run / "checkpoints" / "best.pt", "--data-root", root, "--index", "1",
+              "--no-tb", "--range", range_, "--step", step], tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("cmd", ["reconstruct", "perturb", "routes"])
+def test_a_bad_tb_target_is_refused_before_the_png_is_written(tiny_run, tmp_path, cmd):
+    run, root = tiny_run
+    ck = run / "checkpoints" / "best.pt"
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    for tb in (not_a_folder, not_a_folder / "tb"):
+        message = _refused([cmd, ck, "--data-root", root, "--index" if cmd != "reconstruct"
+                            else "--n", "1", "--tb", tb], tmp_path / "x.png")
+        assert "--tb" in message and "not a folder" in message
+    # the PNG target too: a folder, or a path under a file, is refused before any work
+    _refused([cmd, ck, "--data-root", root, "--no-tb"], not_a_folder / "x.png")
+    r = cli(cmd, ck, "--data-root", root, "--no-tb", "--out", tmp_path)
+    assert r.exit_code == 2 and "is a folder" in r.output, r.output
+    assert not any(tmp_path.glob("*.png"))
+
+
+def test_the_picture_size_is_bounded_before_drawing(tiny_run, tmp_path, monkeypatch):
+    run, root = tiny_run
+    ck = run / "checkpoints" / "best.pt"
+    monkeypatch.setattr(draw, "MAX_PIXELS", 200_000)
+    with pytest.raises(CapsctlError, match="megapixels"):
+        commands.run_reconstruct(ck, n=16, scale=4, out=tmp_path / "r.png", no_tb=True,
+                                 device="cpu", data_root=str(root))
+    with pytest.raises(CapsctlError, match="megapixels"):
+        commands.run_perturb(ck, range_=2.5, step=0.05, out=tmp_path / "p.png", no_tb=True,
+                             device="cpu", data_root=str(root))
+    assert not any(tmp_path.iterdir())
 
 
 def test_matrix_capsules_use_the_same_contract():
     """An EM-routed model: routes reads routing_layout + out["routing"]; perturb decodes poses."""
-    model, cfg = _model(name="em-capsnet")
+    model, cfg = _model(name="em-capsnet", conv1_channels=8, primary_types=4, caps1_types=3,
+                        caps2_types=3)
     x = torch.rand(2, 1, 28, 28)
     maps = routing_maps(model, x)
     T, H, W = model.routing_layout
@@ -241,3 +344,33 @@ def test_matrix_capsules_use_the_same_contract():
         pose = model(x)["pose"]
     grid = perturbations(model, pose[0], int(pred[0]), offsets_for(0.1, 0.05))
     torch.testing.assert_close(grid[:, 2], recon[0].flatten().expand(16, -1), atol=1e-6, rtol=0)
+
+
+def test_a_pair_task_checkpoint_gets_the_segmentation_picture(tiny_run, tmp_path):
+    """MultiMNIST (task "pair"): reconstruct draws Figure 5 (three pictures per example)."""
+    _, root = tiny_run
+    torch.manual_seed(0)
+    cfg = tiny_config(model={"input_size": 36, "transform_init_std": 0.3},
+                      data={"name": "multimnist", "val_per_digit": 2, "test_limit": 96})
+    ck = _save(tmp_path / "multi.pt", build_model(cfg.model).eval(), cfg)
+    r = commands.run_reconstruct(ck, n=10, out=tmp_path / "seg.png", no_tb=True, device="cpu",
+                                 data_root=str(root))
+    assert r["mask"] == "top-2 and labels" and r["examples"] == 10
+    mode, (w, h) = _png(tmp_path / "seg.png")
+    assert mode == "RGB" and (h, w) == r["size"] and w == 8 * 3 * 36 + 9 * 4
+    # the second picture of example 0: red = the longest capsule's digit, green = the second's
+    from capsctl.data.build import build_eval
+
+    source = build_eval("multimnist", "test", cfg, torch.device("cpu"), str(root))
+    assert source.task == "pair"
+    model = build_model(cfg.model).eval()
+    model.load_state_dict(checkpoint.load(ck)["model"])
+    picture = segmentation_grid(model, source.get(torch.arange(8)), torch.device("cpu"))
+    with torch.no_grad():
+        x0 = source.get(torch.arange(1))["x"]
+        top = model(x0)["scores"].topk(2, 1).indices
+        recon = model(x0, top)["recon"].view(2, 36, 36)
+    top_left = GAP + 3 * 36 + GAP
+    tile_3SS = picture[:, top_left:top_left + 3 * 36:3, GAP:GAP + 3 * 36:3]
+    torch.testing.assert_close(tile_3SS[:2], recon.clamp(0, 1), atol=1 / 255, rtol=0)
+    assert tile_3SS[2].abs().max() == 0

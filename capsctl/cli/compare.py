@@ -1,0 +1,45 @@
+"""capsctl compare: several runs side by side (capsctl.compare), as a table, JSON or a PNG bar
+chart. Reads only the run folders; torch is imported (by the library) only to count
+parameters, never at import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from capsctl.cli.options import cli_errors, err, json_line, out
+
+
+@cli_errors
+def compare(
+    runs: Annotated[list[Path], typer.Argument(
+        help="Run folders (each holds config.yaml and metrics.jsonl).")],
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print exactly one JSON object on stdout. Default: a table.")] = False,
+    png: Annotated[Optional[Path], typer.Option(
+        "--png", help="Also write a bar chart of the test accuracies to this PNG file. "
+                      "Default: none.")] = None,
+):
+    """One table of several runs: model, routing, parameters, train img/s, best validation
+    accuracy, test accuracy per evaluated dataset, steps, wall time. Nothing is re-evaluated.
+
+    Examples: capsctl compare runs/sweep/*; capsctl compare runs/a runs/b --json --png cmp.png
+    """
+    from capsctl import compare as compare_mod
+
+    rows = compare_mod.compare(runs)
+    if png is not None:
+        compare_mod.write_chart(rows, png)
+    if as_json:
+        json_line(compare_mod.as_json(rows))
+    else:
+        out.print(compare_mod.compare_table(rows))
+    if png is not None:
+        err.print(f"bar chart: {png}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the compare command to ``app``."""
+    app.command()(compare)

@@ -1,0 +1,74 @@
+"""Checkpoint format 1 (capsctl 0.1: one flat ``model``/``loss``/``data`` bag for every family)
+to format 2 (capsctl 0.2: the sections of the chosen family and dataset). Torch-free.
+
+Only the stored config changes between the formats; the weights, optimizer state and training
+position are the same, so a migrated checkpoint evaluates and resumes with the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from capsctl.data.registry import DATASETS
+from capsctl.fields import field_names
+from capsctl.models.registry import MODELS
+
+# format-1 key -> format-2 key, per family / dataset; keys not listed keep their name, and keys
+# the family or dataset does not have are dropped (format 1 stored every family's defaults)
+_MODEL_KEYS = {
+    "em-capsnet": {"em_conv1_channels": "conv1_channels", "em_primary_types": "primary_types",
+                   "em_caps1_types": "caps1_types", "em_caps2_types": "caps2_types",
+                   "em_iterations": "iterations", "em_lambda": "inverse_temperature",
+                   "em_lambda_rate": "inverse_temperature_rate", "em_var_floor": "var_floor",
+                   "em_init_std": "init_std", "em_coordinate_addition": "coordinate_addition"},
+    "cnn": {"cnn_channels": "channels", "cnn_hidden": "hidden", "cnn_pool": "pool"},
+    "multimnist-cnn": {"cnn_channels": "channels", "cnn_hidden": "hidden"},
+}
+_LOSS_KEYS = {"em-capsnet": {"spread_m_start": "m_start", "spread_m_end": "m_end",
+                             "spread_m_steps": "m_steps"}}
+_DATA_KEYS = {"multimnist": {"multimnist_shift": "shift", "multimnist_pad": "pad",
+                             "multimnist_per_digit": "per_digit",
+                             "multimnist_val_per_digit": "val_per_digit",
+                             "multimnist_test_limit": "test_limit",
+                             "multimnist_seed": "seed"}}
+
+
+def _section(values: Any, renames: dict, keep: list[str], dropped: set[str] = frozenset()
+             ) -> dict:
+    if not isinstance(values, dict):
+        return {}
+    # a format-1 key spelled like a rename's target belonged to another family or dataset
+    # (em-capsnet's conv1_channels was CapsNet's; multimnist's shift was MNIST's): dropped, so
+    # the result does not depend on the order of the keys
+    dropped = set(dropped) | (set(renames.values()) - set(renames))
+    out = {}
+    for key, value in values.items():
+        new = renames.get(key, key)
+        if new in keep and key not in dropped:
+            out[new] = value
+    return out
+
+
+def config_v1_to_v2(cfg: Any) -> Any:
+    """The format-2 config mapping of a format-1 one (anything unexpected is passed through for
+    the config loader to refuse with its own message)."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model", {}), dict) \
+            or not isinstance(cfg.get("data", {}), dict):
+        return cfg
+    family = cfg.get("model", {}).get("name", "capsnet")
+    dataset = cfg.get("data", {}).get("dataset", "mnist")
+    if not isinstance(family, str) or not isinstance(dataset, str) or family not in MODELS \
+            or dataset not in DATASETS or DATASETS[dataset].options is None:
+        return cfg
+    spec, dspec = MODELS[family], DATASETS[dataset]
+    # multimnist took its own shift; format 1's data.shift (MNIST's) did not apply to it
+    data_drop = {"shift"} if dataset == "multimnist" else set()
+    out = dict(cfg)
+    out["model"] = _section(cfg.get("model"), _MODEL_KEYS.get(family, {}),
+                            field_names(spec.config))
+    out["loss"] = _section(cfg.get("loss"), _LOSS_KEYS.get(family, {}),
+                           field_names(spec.loss_config))
+    data = _section(cfg.get("data"), _DATA_KEYS.get(dataset, {}), field_names(dspec.options),
+                    data_drop)
+    out["data"] = {"name": dataset, **data}
+    return out

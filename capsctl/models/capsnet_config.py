@@ -1,0 +1,95 @@
+"""The ``capsnet`` family's config (Sabour et al. 2017), beside ``capsnet.py``; and the margin
+loss's, beside ``losses.py``. Torch-free: ``capsctl config`` reads it without loading torch."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from capsctl.errors import ConfigError
+from capsctl.fields import _f
+from capsctl.models.routing import ROUTINGS, unused_keys
+
+
+@dataclass
+class ImageInput:
+    """What every family takes: the image and the classes (they must match the dataset)."""
+
+    name: str = _f("", "model family")
+    input_size: int | None = _f(None, "side of the square input image in pixels; null = the "
+                                "dataset's (a different value is an error)", min=8, max=4096)
+    in_channels: int | None = _f(None, "input channels; null = the dataset's", min=1, max=64)
+    num_classes: int | None = _f(None, "number of classes (class capsules); null = the "
+                                 "dataset's", min=2, max=100000)
+
+
+@dataclass
+class CapsNetConfig(ImageInput):
+    name: str = _f("capsnet", "model family: capsnet (Sabour et al. 2017; model.routing picks "
+                   "the routed layer's algorithm)")
+    conv1_channels: int = _f(256, "Conv1 output channels", min=1, max=65536)
+    conv1_kernel: int = _f(9, "Conv1 kernel size (stride 1, no padding, ReLU)", min=1)
+    primary_types: int = _f(32, "PrimaryCaps capsule types (channels = types x dim)", min=1,
+                            max=65536)
+    primary_dim: int = _f(8, "PrimaryCaps capsule dimension", min=1, max=1024)
+    primary_kernel: int = _f(9, "PrimaryCaps kernel size", min=1)
+    primary_stride: int = _f(2, "PrimaryCaps stride", min=1)
+    class_dim: int = _f(16, "DigitCaps (class capsule) dimension", min=1, max=1024)
+    routing: str = _f("dynamic", "the routed layer's algorithm (docs/routing.md): "
+                      + "; ".join(f"{k}: {r.summary}" for k, r in ROUTINGS.items()),
+                      choices=tuple(ROUTINGS))
+    routing_iterations: int = _f(3, "routing passes (routing: dynamic, inverted-dot-product)",
+                                 min=1, max=100)
+    transform_init_std: float = _f(0.01, "std of the normal init of the W_ij matrices", gt=0)
+    primary_scale: float = _f(1.0, "scale applied to PrimaryCaps before the squash "
+                              "(authors' code: 1/32; paper: 1)", gt=0)
+    class_bias: bool = _f(False, "learned bias added to s_j (the authors' code has one; the "
+                          "paper and its parameter count do not) (routing: dynamic, uniform)")
+    decoder: bool = _f(True, "reconstruction decoder from the masked class capsules")
+    decoder_hidden: list[int] = _f([512, 1024], "decoder hidden layer widths (ReLU); output "
+                                   "is sigmoid of input_size^2 x in_channels", min=1,
+                                   max=65536)
+
+    def check(self, source: str) -> None:
+        check_routing_keys(self, source)
+        conv1_out = self.input_size - self.conv1_kernel + 1
+        if conv1_out < 1 or primary_grid(self) < 1:
+            raise ConfigError(f"{source}: model.input_size={self.input_size} is too small for "
+                              f"conv1_kernel={self.conv1_kernel} and primary_kernel="
+                              f"{self.primary_kernel}; use a larger input or smaller kernels")
+
+
+def check_routing_keys(m: CapsNetConfig, source: str) -> None:
+    """Refuse a routing key set away from its default that ``m.routing`` does not read."""
+    defaults = {f.name: f.default for f in dataclasses.fields(CapsNetConfig)}
+    unused = unused_keys(m.routing, vars(m), defaults)
+    if unused:
+        reads = ", ".join(f"model.{k}" for k in ROUTINGS[m.routing].keys) or "no routing key"
+        raise ConfigError(f"{source}: model.routing={m.routing} does not read "
+                          + ", ".join(f"model.{k} (set to {getattr(m, k)!r})" for k in unused)
+                          + f"; {m.routing} reads {reads}; leave the others at their defaults ("
+                          + ", ".join(f"{k}={defaults[k]!r}" for k in unused) + ")")
+
+
+def primary_grid(m: CapsNetConfig) -> int:
+    """Side of the PrimaryCaps grid: Conv1 (valid, stride 1), then PrimaryCaps (valid,
+    ``primary_stride``)."""
+    conv1_out = m.input_size - m.conv1_kernel + 1
+    return (conv1_out - m.primary_kernel) // m.primary_stride + 1
+
+
+@dataclass
+class MarginLossConfig:
+    """The margin loss (paper eq. 4) plus the weighted reconstruction error."""
+
+    m_plus: float = _f(0.9, "margin loss: target length for the present class", min=0.0, max=1.0)
+    m_minus: float = _f(0.1, "margin loss: ceiling for absent classes", min=0.0, max=1.0)
+    down_weight: float = _f(0.5, "margin loss: lambda, down-weighting of absent classes",
+                            min=0.0)
+    recon_weight: float = _f(0.0005, "weight of the reconstruction sum of squared errors "
+                             "(0 disables the term)", min=0.0)
+
+    def check(self, source: str) -> None:
+        if self.m_minus >= self.m_plus:
+            raise ConfigError(f"{source}: loss.m_minus ({self.m_minus}) must be below "
+                              f"loss.m_plus ({self.m_plus})")

@@ -1,0 +1,85 @@
+"""Model families by name: ``MODELS[model.name]`` is a ModelSpec. Plain dict, torch-free (the
+module and loss functions are imported only when a model is built), so ``capsctl config``
+checks a config without loading torch.
+
+To add a family: write its config dataclass (``<family>_config.py``, with ``check(source)``),
+its ``nn.Module`` honouring ``capsctl/models/contract.py``, its loss function(s), and add one
+entry here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from capsctl.models.capsnet_config import CapsNetConfig, MarginLossConfig
+from capsctl.models.cnn_config import CNNConfig, MultiMNISTCNNConfig, NoLossOptions
+from capsctl.models.efficient_config import EfficientCapsNetConfig
+from capsctl.models.em_config import EMCapsNetConfig, SpreadLossConfig
+
+SINGLE, PAIR = "single", "pair"  # task kinds (see capsctl/data/registry.py)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One family: ``config`` is the ``model`` section's dataclass, ``loss_config`` the ``loss``
+    section's; ``module`` and ``losses`` (one per task kind the family can learn) are
+    "module:attribute" paths. A loss is ``fn(out, batch, loss_cfg, step) -> dict`` of named
+    scalar terms including ``total``."""
+
+    config: type
+    loss_config: type
+    module: str
+    losses: dict[str, str]
+    summary: str
+
+
+def _resolve(path: str) -> Any:
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "capsnet": ModelSpec(CapsNetConfig, MarginLossConfig, "capsctl.models.capsnet:CapsNet",
+                         {SINGLE: "capsctl.models.losses:capsnet_losses",
+                          PAIR: "capsctl.models.losses:multimnist_losses"},
+                         "CapsNet with dynamic routing (Sabour et al. 2017)"),
+    "em-capsnet": ModelSpec(EMCapsNetConfig, SpreadLossConfig,
+                            "capsctl.models.em_capsnet:EMCapsNet",
+                            {SINGLE: "capsctl.models.em_capsnet:em_losses"},
+                            "matrix capsules with EM routing (Hinton et al. 2018)"),
+    "cnn": ModelSpec(CNNConfig, NoLossOptions, "capsctl.models.cnn:CNN",
+                     {SINGLE: "capsctl.models.cnn:cnn_losses"},
+                     "the paper's CNN baseline (softmax cross-entropy)"),
+    "multimnist-cnn": ModelSpec(MultiMNISTCNNConfig, NoLossOptions,
+                                "capsctl.models.multimnist_cnn:MultiMNISTCNN",
+                                {PAIR: "capsctl.models.losses:multilabel_bce_losses"},
+                                "the paper's MultiMNIST CNN baseline (sigmoid outputs)"),
+    "efficient-capsnet": ModelSpec(EfficientCapsNetConfig, MarginLossConfig,
+                                   "capsctl.models.efficient_capsnet:EfficientCapsNet",
+                                   {SINGLE: "capsctl.models.losses:capsnet_losses"},
+                                   "Efficient-CapsNet: depthwise primary capsules, "
+                                   "self-attention routing (Mazzia et al. 2021)"),
+}
+
+
+def spec(name: str) -> ModelSpec:
+    return MODELS[name]
+
+
+def build_model(model_cfg):
+    """The ``nn.Module`` of ``model_cfg`` (a family's config dataclass), on the CPU."""
+    return _resolve(MODELS[model_cfg.name].module)(model_cfg)
+
+
+def loss_fn(cfg, task: str) -> Callable:
+    """The configured family's loss for ``task``: ``fn(out, batch, step=0) -> dict`` of named
+    scalar terms incl. ``total`` (``step`` serves losses with schedules, e.g. a rising margin)."""
+    fn = _resolve(MODELS[cfg.model.name].losses[task])
+    loss_cfg = cfg.loss
+    return lambda out, batch, step=0: fn(out, batch, loss_cfg, step)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
