@@ -40,8 +40,8 @@ def _check_number(key: str, value: Any, tp) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-        if abs(value) > 2 ** 62:  # no count, size or seed of capsctl is that large
-            raise ConfigError(f"config key '{key}' must be below 2**62, got an integer of "
+        if abs(value) >= 2 ** 63:  # no count, size or seed of capsctl is that large
+            raise ConfigError(f"config key '{key}' must be below 2**63, got an integer of "
                               f"{len(str(abs(value)))} digits")
         return value
     if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string

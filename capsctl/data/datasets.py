@@ -79,15 +79,33 @@ class TrainStream:
         return {"x": x, "y": self.data.labels[idx]}
 
 
-class EvalSource:
+class IndexedSource:
+    """An evaluation source over an ImageSet ``data``: fixed, unshuffled batches in index order;
+    subclasses say what ``get(idx)`` makes of the stored images."""
+
+    task = SINGLE
+    default_limit = None
+    data: ImageSet
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict]:
+        n = len(self) if limit is None else min(limit, len(self))
+        for start in range(0, n, batch_size):
+            yield self.get(torch.arange(start, min(start + batch_size, n),
+                                        device=self.data.device))
+
+    def get(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class EvalSource(IndexedSource):
     """Fixed, unshuffled evaluation batches; optional placement drawn from a fixed seed.
 
     What every evaluation source declares (MultiMNIST's, smallNORB's, affNIST's too): ``task``,
     ``name``, ``default_limit`` (examples evaluated when no limit is given; None = all),
     ``len()``, ``batches(batch_size, limit)`` and ``get(idx)``."""
-
-    task = SINGLE
-    default_limit = None
 
     def __init__(self, data: ImageSet, name: str, canvas_pad: int = 0, shift: int = 0,
                  seed: int = 0):
@@ -98,14 +116,6 @@ class EvalSource:
             g = generator(data.device, seed, STREAM_EVAL)
             self._offsets = random_offsets(len(data), shift, g, data.device)
 
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict]:
-        n = len(self) if limit is None else min(limit, len(self))
-        for start in range(0, n, batch_size):
-            yield self.get(torch.arange(start, min(start + batch_size, n),
-                                        device=self.data.device))
 
     def get(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The examples at ``idx`` exactly as evaluation sees them (same placement every time)."""

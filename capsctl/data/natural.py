@@ -14,14 +14,12 @@ Pixels are scaled to [0, 1] (the registry's ``unit`` normalisation).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 
 from capsctl.data.augment import centre_crop, crop_flip, generator, random_flips, \
     random_windows, unit_float
-from capsctl.data.datasets import DataBundle, ImageSet, TrainStream
+from capsctl.data.datasets import DataBundle, ImageSet, IndexedSource, TrainStream
 from capsctl.data.registry import SINGLE
 from capsctl.errors import DataError
 
@@ -51,27 +49,16 @@ class ImageStream(TrainStream):
         return {"x": unit_float(images), "y": self.data.labels[idx]}
 
 
-class CropSource:
+class CropSource(IndexedSource):
     """Fixed, unshuffled evaluation batches: the centre ``crop`` x ``crop`` window of each image.
 
     Declares what every evaluation source does: ``task``, ``name``, ``default_limit`` (None = all
     examples), ``len()``, ``batches(batch_size, limit)`` and ``get(idx)``."""
 
-    task = SINGLE
-    default_limit = None
-
     def __init__(self, data: ImageSet, name: str, crop: int | None = None):
         self.data, self.name = data, name
         self.crop = crop or int(data.images.shape[-1])
 
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict]:
-        n = len(self) if limit is None else min(limit, len(self))
-        for start in range(0, n, batch_size):
-            yield self.get(torch.arange(start, min(start + batch_size, n),
-                                        device=self.data.device))
 
     def get(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The examples at ``idx`` as evaluation sees them: {"x": (B, C, S, S), "y": (B,)}."""

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from capsctl.data.augment import generator
-from capsctl.data.datasets import DataBundle, ImageSet, TrainStream
+from capsctl.data.datasets import DataBundle, ImageSet, IndexedSource, TrainStream
 from capsctl.data.registry import SINGLE
 from capsctl.data.idx import check_declared, open_data, read_exact, read_header
 from capsctl.errors import DataError
@@ -178,23 +178,11 @@ class NorbTrainStream(TrainStream):
         return {"x": x, "y": self.data.labels[idx]}
 
 
-class NorbEvalSource:
+class NorbEvalSource(IndexedSource):
     """Fixed evaluation batches: the centre 32x32 crop of each standardised image."""
-
-    task = SINGLE
-    default_limit = None
 
     def __init__(self, data: ImageSet, name: str):
         self.data, self.name = data, name
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def batches(self, batch_size: int, limit: int | None = None):
-        n = len(self) if limit is None else min(limit, len(self))
-        for start in range(0, n, batch_size):
-            yield self.get(torch.arange(start, min(start + batch_size, n),
-                                        device=self.data.device))
 
     def get(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         x = standardise(self.data.images[idx].float())

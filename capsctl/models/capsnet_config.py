@@ -45,6 +45,11 @@ class CapsNetConfig(ImageInput):
                               "(authors' code: 1/32; paper: 1)", gt=0)
     class_bias: bool = _f(False, "learned bias added to s_j (the authors' code has one; the "
                           "paper and its parameter count do not) (routing: dynamic, uniform)")
+    leaky_routing: bool = _f(False, "a \"none-of-the-above\" parent in the routing softmax: one "
+                             "extra zero logit per child, so a child can route to no parent "
+                             "(the paper's CIFAR-10 model; the authors' code: Sarasra/models "
+                             "research/capsules, layers.py _leaky_routing); runs on the batched "
+                             "torch path, not the C kernel (routing: dynamic)")
     decoder: bool = _f(True, "reconstruction decoder from the masked class capsules")
     decoder_hidden: list[int] = _f([512, 1024], "decoder hidden layer widths (ReLU); output "
                                    "is sigmoid of input_size^2 x in_channels", min=1,

@@ -17,8 +17,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-ITERATIONS, CLASS_BIAS = "routing_iterations", "class_bias"
-ROUTING_KEYS = (ITERATIONS, CLASS_BIAS)
+ITERATIONS, CLASS_BIAS, LEAKY = "routing_iterations", "class_bias", "leaky_routing"
+ROUTING_KEYS = (ITERATIONS, CLASS_BIAS, LEAKY)
 """CapsNetConfig keys that only some routings read; a routing refuses a non-default value of
 one it does not read (``unused_keys``)."""
 
@@ -39,7 +39,7 @@ class RoutingSpec:
 
 ROUTINGS: dict[str, RoutingSpec] = {
     "dynamic": RoutingSpec(
-        "capsctl.models.routing.agreement:build_dynamic", (ITERATIONS, CLASS_BIAS),
+        "capsctl.models.routing.agreement:build_dynamic", (ITERATIONS, CLASS_BIAS, LEAKY),
         "coupling c_ij", True, "routing by agreement, routing_iterations passes",
         "Sabour, Frosst & Hinton 2017, Procedure 1"),
     "uniform": RoutingSpec(
