@@ -164,7 +164,7 @@ FILES = {"root": "/data/x", "download": True, "val_size": 100}
 
 # keys a family gained after format 1, with the default that does what 0.1 did: a migrated
 # checkpoint takes these (a key added to a format-1 family must be listed here)
-ADDED_SINCE_FORMAT_1 = {"capsnet": {"routing": "dynamic"}}
+ADDED_SINCE_FORMAT_1 = {"capsnet": {"routing": "dynamic", "leaky_routing": False}}
 
 # (family, dataset, (input_size, in_channels, num_classes)) -> the format-2 sections
 CASES = {
