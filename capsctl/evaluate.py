@@ -326,15 +326,13 @@ def confusion_image(confusion_JJ: list[list[int]], names: list[str], title: list
 
 def _png_target(path: Path) -> None:
     """Raise unless a PNG can be written at ``path`` (its folder exists or can be made)."""
-    import os
+    from capsctl.paths import nearest_existing, writable_folder
 
     if path.is_dir():
         raise CapsctlError(f"--confusion {path} is a folder; give a file name such as "
                            f"{path / 'confusion.png'}")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    folder = nearest_existing(path.parent)
+    if not writable_folder(folder):
         raise CapsctlError(f"--confusion {path}: cannot write into {folder}")
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from capsctl.paths import nearest_existing
 from capsctl.data import image_sets_config as isc
 from capsctl.data.augment import centre_crop, unit_float
 from capsctl.data.folder import IMAGE_EXTS, decode_image
@@ -261,9 +262,7 @@ def run_model(model, images_NCSS: np.ndarray, view: Preprocessing, device: torch
 def check_recon_dir(folder: Path) -> None:
     """Raise a one-line CapsctlError unless ``--recon FOLDER`` is, or can be made, a folder
     this process may write into (checked before anything is read)."""
-    at = folder
-    while not at.exists() and at != at.parent:
-        at = at.parent
+    at = nearest_existing(folder)
     if not at.is_dir():
         raise CapsctlError(f"--recon {folder}: {at} is not a folder")
     if not os.access(at, os.W_OK | os.X_OK):

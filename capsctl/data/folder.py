@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from capsctl.paths import cache_root
 from capsctl.errors import DataError
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -42,15 +43,6 @@ CACHE_VERSION = 1     # bump when the decoding changes: old cache files are then
 VAL_SEED = 0
 CHUNK = 256           # images per task handed to a decoding process
 PROCESS_MIN = 2000    # fewer images than this are decoded by threads of this process
-
-
-def cache_root() -> Path:
-    """capsctl's cache folder: ``$CAPSCTL_CACHE``, else ``$XDG_CACHE_HOME/capsctl`` or
-    ``~/.cache/capsctl`` (the folder the routing kernel is compiled into)."""
-    if os.environ.get("CAPSCTL_CACHE"):
-        return Path(os.environ["CAPSCTL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "capsctl"
 
 
 # --- listing ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from capsctl.paths import nearest_existing
 from capsctl.errors import CapsctlError
 from capsctl.inspect import draw, figures, probe
 
@@ -32,9 +33,7 @@ def run_folder(checkpoint: str | Path) -> Path:
 
 def _writable_folder(folder: Path, what: str) -> None:
     """Raise unless ``folder`` is, or can be created as, a folder this process may write into."""
-    probe_at = folder
-    while not probe_at.exists() and probe_at != probe_at.parent:
-        probe_at = probe_at.parent
+    probe_at = nearest_existing(folder)
     if not probe_at.is_dir():
         raise CapsctlError(f"{what}: {probe_at} is not a folder")
     if not os.access(probe_at, os.W_OK | os.X_OK):

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from capsctl.paths import cache_root
+
 SOURCE = Path(__file__).with_name("routing_kernel.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c11", "-fPIC",
          "-shared"]
@@ -51,10 +53,7 @@ def enabled() -> bool:
 
 
 def _cache_dir() -> Path:
-    if os.environ.get("CAPSCTL_CACHE"):
-        return Path(os.environ["CAPSCTL_CACHE"]) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "capsctl" / "kernels"
+    return cache_root() / "kernels"
 
 
 def _cpu_flags() -> str:

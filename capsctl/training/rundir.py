@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from capsctl.paths import nearest_existing, writable_folder
 from capsctl.config import Config, dump
 from capsctl.errors import CapsctlError, TrainingError
 
@@ -124,10 +125,8 @@ def is_unused(run_dir: Path) -> bool:
 def _writable_parent(run_dir: Path) -> None:
     """Raise CapsctlError unless the run folder could be created: its nearest existing
     ancestor is a folder this process may write into."""
-    parent = run_dir.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    parent = nearest_existing(run_dir.parent)
+    if not writable_folder(parent):
         raise CapsctlError(f"cannot create run folder {run_dir}: {parent} is not a writable "
                            "folder; pick another --run-dir")
 
