@@ -32,22 +32,28 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
     """Atomically write ``state`` (plus the format version) to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format_version": FORMAT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, {"format_version": FORMAT_VERSION, **state})
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise TrainingError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous "
                             "checkpoint is intact - free space or fix permissions, then "
                             "--resume") from None
+
+
+def write_atomically(path: Path, obj: Any) -> None:
+    """``torch.save(obj)`` to a temporary file beside ``path``, fsync, rename over ``path``:
+    a crash leaves the old file or the new one, never a torn one. An OSError leaves no
+    temporary file behind."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     try:  # make the rename durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import warnings
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -250,20 +249,11 @@ def _load_cache(path: Path) -> dict | None:
 
 def _save_cache(path: Path, data: dict) -> None:
     """Write atomically (temporary file, then rename); a warning when the folder refuses."""
-    import torch
+    from capsctl.checkpoint import write_atomically
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, data)
     except OSError as e:
         warnings.warn(f"folder dataset: cannot write the cache {path} ({e.strerror or e}); "
                       "the images will be decoded again next time", stacklevel=3)
