@@ -39,6 +39,20 @@ class Decoder(nn.Module):
         return self.net(masked_BJD.flatten(1))
 
 
+def masked_decode(decoder: nn.Module, caps_BJD: torch.Tensor, classes_B: torch.Tensor
+                  ) -> torch.Tensor:
+    """``decoder`` of the class capsules with every capsule but that of ``classes_B`` masked to
+    zero: recon (B, N) fp32. ``classes`` (B, K) (e.g. MultiMNIST's two labels) decodes each of
+    the K capsules on its own: recon (B, K, N). Every family with a decoder decodes this way."""
+    if classes_B.dim() == 2:
+        B, K = classes_B.shape
+        caps_bJD = caps_BJD.unsqueeze(1).expand(B, K, *caps_BJD.shape[1:]).reshape(
+            B * K, *caps_BJD.shape[1:])
+        return masked_decode(decoder, caps_bJD, classes_B.reshape(-1)).view(B, K, -1)
+    mask_BJ = F.one_hot(classes_B, caps_BJD.shape[1]).to(caps_BJD.dtype)
+    return decoder(caps_BJD * mask_BJ.unsqueeze(-1)).float()
+
+
 class CapsNet(nn.Module):
     """Honours capsctl/models/contract.py: vector class capsules ``v``, routing couplings."""
 
@@ -85,18 +99,8 @@ class CapsNet(nn.Module):
         return self.digits(u_BIP, keep_routing)
 
     def decode(self, v_BJD: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
-        """Reconstruct from the capsule of ``classes_B`` alone (the others masked to zero).
-
-        ``classes`` (B, K) (e.g. MultiMNIST's two labels) decodes each of the K capsules on its
-        own: recon (B, K, N).
-        """
-        if classes_B.dim() == 2:
-            B, K = classes_B.shape
-            v_BKJD = v_BJD.unsqueeze(1).expand(B, K, *v_BJD.shape[1:])
-            recon_bN = self.decode(v_BKJD.reshape(B * K, *v_BJD.shape[1:]), classes_B.reshape(-1))
-            return recon_bN.view(B, K, -1)
-        mask_BJ = F.one_hot(classes_B, v_BJD.shape[1]).to(v_BJD.dtype)
-        return self.decoder(v_BJD * mask_BJ.unsqueeze(-1)).float()
+        """Reconstruction from the capsule of ``classes_B`` alone (``masked_decode``)."""
+        return masked_decode(self.decoder, v_BJD, classes_B)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
                 keep_routing: bool = False) -> dict:

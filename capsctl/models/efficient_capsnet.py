@@ -20,10 +20,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from capsctl.models.capsnet import Decoder
+from capsctl.models.capsnet import Decoder, masked_decode
 from capsctl.models.capsules import safe_norm
 from capsctl.models.efficient_config import EfficientCapsNetConfig, efficient_grid
 from capsctl.models.routing.self_attention import SelfAttentionRouting
@@ -123,13 +122,7 @@ class EfficientCapsNet(nn.Module):
     def decode(self, v_BJD: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
         """Reconstruction (B, N) from the capsule of ``classes_B`` alone; (B, K) classes give
         (B, K, N)."""
-        if classes_B.dim() == 2:
-            B, K = classes_B.shape
-            v_bJD = v_BJD.unsqueeze(1).expand(B, K, *v_BJD.shape[1:]).reshape(B * K,
-                                                                              *v_BJD.shape[1:])
-            return self.decode(v_bJD, classes_B.reshape(-1)).view(B, K, -1)
-        mask_BJ = F.one_hot(classes_B, v_BJD.shape[1]).to(v_BJD.dtype)
-        return self.decoder(v_BJD * mask_BJ.unsqueeze(-1)).float()
+        return masked_decode(self.decoder, v_BJD, classes_B)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
                 keep_routing: bool = False) -> dict:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capsctl.models.em_config import EMCapsNetConfig, SpreadLossConfig
-from capsctl.models.capsnet import Decoder
+from capsctl.models.capsnet import Decoder, masked_decode
 from capsctl.models.em_routing import EMRouting, PatchSoftmax
 from capsctl.models.losses import reconstruction_sse
 
@@ -195,14 +195,7 @@ class EMCapsNet(nn.Module):
     def decode(self, pose_BJH: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
         """Reconstruct from the pose of ``classes_B`` alone (the others masked to zero);
         ``classes`` (B, K) decodes each of the K poses on its own: recon (B, K, N)."""
-        if classes_B.dim() == 2:
-            B, K = classes_B.shape
-            pose_BKJH = pose_BJH.unsqueeze(1).expand(B, K, *pose_BJH.shape[1:])
-            recon_bN = self.decode(pose_BKJH.reshape(B * K, *pose_BJH.shape[1:]),
-                                   classes_B.reshape(-1))
-            return recon_bN.view(B, K, -1)
-        mask_BJ = F.one_hot(classes_B, pose_BJH.shape[1]).to(pose_BJH.dtype)
-        return self.decoder(pose_BJH * mask_BJ.unsqueeze(-1)).float()
+        return masked_decode(self.decoder, pose_BJH, classes_B)
 
     def encode(self, x: torch.Tensor, keep_routing: bool = False):
         h = F.relu(self.conv1(x))
