@@ -93,6 +93,18 @@ def test_compare_cli_table_json_and_png(tmp_path):
     assert "94.00%" in r.stdout and "affnist-synth" in r.stdout
 
 
+def test_a_table_into_a_pipe_is_not_cut_to_80_columns(tmp_path):
+    """A sweep's log or ``compare ... > file``: no terminal to fit, so every cell is whole."""
+    folders = [fake_run(tmp_path / f"routing={name}",
+                        tiny_config(model={"routing": name}, data={"name": "expanded-mnist"},
+                                    train={"final_eval": ["affnist-synth"]}), ROWS)
+               for name in ("inverted-dot-product", "self-attention")]
+    r = CliRunner().invoke(make_app(), ["compare", *map(str, folders)])
+    assert r.exit_code == 0, r.output
+    assert "…" not in r.stdout and max(map(len, r.stdout.splitlines())) > 80
+    assert "routing=inverted-dot-product" in r.stdout and "test affnist-synth" in r.stdout
+
+
 def test_compare_refuses_what_is_not_a_run_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     for target in (tmp_path / "missing", tmp_path / "empty"):

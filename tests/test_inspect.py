@@ -21,7 +21,7 @@ from capsctl.inspect import commands, draw
 from capsctl.inspect.draw import tile
 from capsctl.inspect.figures import GAP, pair_grid, reconstruction_figure, segmentation_grid
 from capsctl.inspect.probe import (dimension_change, offsets_for, perturbations,
-                                   reconstruct_batch, routing_maps)
+                                   reconstruct_batch, routing_maps, routing_statistics)
 from capsctl.models import build_model
 from conftest import REPO, tiny_config, write_fake_mnist
 
@@ -329,6 +329,16 @@ def test_the_picture_size_is_bounded_before_drawing(tiny_run, tmp_path, monkeypa
     assert not any(tmp_path.iterdir())
 
 
+class FakeSource:
+    """A dataset's ``get`` contract over fixed images."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def get(self, idx):
+        return {"x": self.x[idx]}
+
+
 def test_matrix_capsules_use_the_same_contract():
     """An EM-routed model: routes reads routing_layout + out["routing"]; perturb decodes poses."""
     model, cfg = _model(name="em-capsnet", conv1_channels=8, primary_types=4, caps1_types=3,
@@ -339,6 +349,11 @@ def test_matrix_capsules_use_the_same_contract():
     c = maps["coupling"]
     assert c.shape[2:] == (T * H * W, cfg.model.num_classes) and "agreement" not in maps
     torch.testing.assert_close(c.sum(-1), torch.ones(c.shape[:3]), atol=1e-5, rtol=0)
+    stats = routing_statistics(model, FakeSource(x), 2, torch.device("cpu"), batch=1)
+    assert stats["children"] == T * H * W and len(stats["entropy"]) == c.shape[1]
+    assert stats["entropy"][-1] == pytest.approx(
+        (-(c * c.clamp_min(1e-30).log()).sum(-1).mean(-1) / np.log(10)).mean(0)[-1].item(),
+        abs=1e-5)
     recon, pred, _ = reconstruct_batch(model, x, torch.tensor([0, 1]))
     with torch.no_grad():
         pose = model(x)["pose"]
@@ -374,3 +389,46 @@ def test_a_pair_task_checkpoint_gets_the_segmentation_picture(tiny_run, tmp_path
     tile_3SS = picture[:, top_left:top_left + 3 * 36:3, GAP:GAP + 3 * 36:3]
     torch.testing.assert_close(tile_3SS[:2], recon.clamp(0, 1), atol=1 / 255, rtol=0)
     assert tile_3SS[2].abs().max() == 0
+
+
+def test_routes_summary_is_the_mean_of_the_per_example_couplings(tiny_run, tmp_path):
+    """``routes --summary N``: per pass, the statistics of c_ij over the first N examples, equal
+    to a per-example loop over what ``routing_maps`` returns; uniform routing is exactly flat."""
+    from capsctl.data.build import build_eval
+
+    run, root = tiny_run
+    ck = run / "checkpoints" / "best.pt"
+    r = cli("routes", ck, "--data-root", root, "--summary", "20", "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert (got["examples"], got["children"], got["parents"], got["routing"]) == (20, 72, 10,
+                                                                                   "dynamic")
+    model, cfg, _ = checkpoint.load_model(ck, torch.device("cpu"))
+    source = build_eval("mnist", "test", cfg, torch.device("cpu"), str(root))
+    maps = routing_maps(model.eval(), source.get(torch.arange(20))["x"])
+    c, pred = maps["coupling"].double(), maps["scores"].argmax(1)
+    for k in range(3):
+        to_pred = [c[b, k, :, pred[b]].mean().item() for b in range(20)]
+        largest = [c[b, k, :, pred[b]].max().item() for b in range(20)]
+        ent = [sum(-(p * p.log()).sum().item() for p in c[b, k]) / 72 / np.log(10)
+               for b in range(20)]
+        decided = [sum(float(p.max() > 0.5) for p in c[b, k]) / 72 for b in range(20)]
+        assert got["to_predicted"][k] == pytest.approx(np.mean(to_pred), abs=1e-6)
+        assert got["largest_to_predicted"][k] == pytest.approx(np.mean(largest), abs=1e-6)
+        assert got["entropy"][k] == pytest.approx(np.mean(ent), abs=1e-6)
+        assert got["decided"][k] == pytest.approx(np.mean(decided), abs=1e-6)
+    assert got["to_predicted"][0] == pytest.approx(0.1) and got["entropy"][0] == pytest.approx(1)
+    assert got["to_predicted"][2] > got["to_predicted"][0]   # agreement moved it (a little)
+
+    flat = _save(tmp_path / "uniform.pt", *_model(routing="uniform"))
+    r = cli("routes", flat, "--data-root", root, "--summary", "8")
+    assert r.exit_code == 0, r.output
+    assert "uniform routing" in r.stdout and "first 8 examples" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if line.strip("│ ").startswith("1 "))
+    assert [cell.strip() for cell in row.split("│")[2:6]] == ["0.1000", "0.100", "1.0000",
+                                                              "0.00%"]
+    for args in (["--summary", "0"], ["--summary", "10001"], ["--summary", "5", "--index", "3"],
+                 ["--summary", "5", "--out", tmp_path / "s.png"]):
+        r = cli("routes", ck, "--data-root", root, *args)
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, (args, r.output)
+    assert not (tmp_path / "s.png").exists()

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from capsctl.cli.options import DeviceOpt, SetOpt, cli_errors, err, json_line, out
+from capsctl.cli.options import DeviceOpt, SetOpt, cli_errors, err, json_line, print_table
 from capsctl.errors import CapsctlError
 
 
@@ -103,7 +103,7 @@ def bench(
     if as_json:
         json_line(r)
         return
-    out.print(bench_table(r))
+    print_table(bench_table(r))
 
 
 def register(app: typer.Typer) -> None:

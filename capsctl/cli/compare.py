@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from capsctl.cli.options import cli_errors, err, json_line, out
+from capsctl.cli.options import cli_errors, err, json_line, print_table
 
 
 @cli_errors
@@ -35,7 +35,7 @@ def compare(
     if as_json:
         json_line(compare_mod.as_json(rows))
     else:
-        out.print(compare_mod.compare_table(rows))
+        print_table(compare_mod.compare_table(rows))
     if png is not None:
         err.print(f"bar chart: {png}", highlight=False)
 

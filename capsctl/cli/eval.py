@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from capsctl.cli.options import DataRootOpt, DeviceOpt, cli_errors, data_root_text, err, \
-    join_group, json_line, out
+    join_group, json_line, print_table
 from capsctl.errors import CapsctlError
 
 
@@ -132,9 +132,9 @@ def eval_(
     if as_json:
         json_line(results[0] if len(results) == 1 else {"results": results})
         return
-    out.print(results_table(results, split))
+    print_table(results_table(results, split))
     for table in per_class_tables(results):
-        out.print(table)
+        print_table(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -12,7 +12,7 @@ from rich import box
 from rich.table import Table
 
 from capsctl.cli.options import DataRootOpt, DeviceOpt, cli_errors, data_root_text, err, \
-    json_line, out
+    json_line, out, print_table
 from capsctl.errors import CapsctlError
 
 CheckpointArg = Annotated[Path, typer.Argument(
@@ -95,7 +95,7 @@ def reconstruct(
         table.add_row("pixel MSE", f"{r['mse']:.5f} (mask: {r['mask']})")
     table.add_row("image", f"{r['size'][1]} x {r['size'][0]} px")
     table.add_row("written", _written(r))
-    out.print(table)
+    print_table(table)
 
 
 def _change_table(examples: list[dict]) -> Table:
@@ -158,7 +158,7 @@ def perturb(
     r = run_perturb(checkpoint, index, digit, label, range_, step, dataset, split, out_, tb,
                     no_tb, device, data_root_text(data_root), scale)
     examples = r["examples"]
-    out.print(_change_table(examples))
+    print_table(_change_table(examples))
     out.print("columns: the perturbed capsule of example "
               + ", ".join(f"#{e['index']}" for e in examples)
               + "; * misclassified; bold: the 3 largest per example", highlight=False)
@@ -184,6 +184,22 @@ def _routes_table(r: dict) -> Table:
     return table
 
 
+def _summary_table(r: dict) -> Table:
+    """Per routing pass: how far the coefficients are from uniform (routes --summary)."""
+    J = r["parents"]
+    table = Table(title=f"capsctl routes --summary: {r['routing']} routing, {r['dataset']} "
+                        f"{r['split']}, first {r['examples']:,} examples, {r['children']:,} "
+                        f"children -> {J} parents")
+    for col in ("pass", f"mean c to predicted (uniform {1 / J:.4f})", "largest c to predicted",
+                "entropy / log J (uniform 1)", "children > 0.5 to one parent"):
+        table.add_column(col, justify="right")
+    for k in range(len(r["entropy"])):
+        table.add_row(str(k + 1), f"{r['to_predicted'][k]:.4f}",
+                      f"{r['largest_to_predicted'][k]:.3f}", f"{r['entropy'][k]:.4f}",
+                      f"{100 * r['decided'][k]:.2f}%")
+    return table
+
+
 @cli_errors
 def routes(
     checkpoint: CheckpointArg,
@@ -205,20 +221,38 @@ def routes(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the numbers (couplings per pass, agreement, scores) as one JSON "
                        "object on stdout. Default: a table.")] = False,
+    summary: Annotated[Optional[int], typer.Option(
+        "--summary", help="Instead of one example's picture: how far the coefficients of every "
+                          "pass are from uniform over the first N examples of the split "
+                          "(numbers only, nothing written). Default: off.")] = None,
 ):
     """Coupling coefficients after each routing pass as heat maps on the primary grid, per class,
     beside the input; and the agreement u_hat . v per class.
 
-    Examples: capsctl routes runs/mnist --index 7; capsctl routes runs/mnist --digit 3 --json
+    Examples: capsctl routes runs/mnist --index 7; capsctl routes runs/mnist --digit 3 --json;
+    capsctl routes runs/mnist --summary 1000
     """
-    from capsctl.inspect.commands import run_routes
+    from capsctl.inspect.commands import run_routes, run_routes_summary
 
+    if summary is not None:
+        given = [flag for flag, value in (("--index", index), ("--digit", digit), ("--out", out_),
+                                          ("--tb", tb)) if value is not None]
+        if given:
+            raise CapsctlError(f"--summary prints numbers over N examples; {given[0]} belongs "
+                               "to the one-example picture: leave one of the two out")
+        r = run_routes_summary(checkpoint, summary, dataset, split, device,
+                               data_root_text(data_root))
+        if as_json:
+            json_line(r)
+        else:
+            print_table(_summary_table(r))
+        return
     r = run_routes(checkpoint, index, digit, dataset, split,
                    out_, tb, no_tb, device, data_root_text(data_root), scale)
     if as_json:
         json_line(r)
         return
-    out.print(_routes_table(r))
+    print_table(_routes_table(r))
     err.print(f"written: {_written(r)}", highlight=False, soft_wrap=True)
 
 

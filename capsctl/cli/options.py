@@ -43,6 +43,17 @@ DataRootOpt = Annotated[Optional[Path], typer.Option(
                         "$CAPSCTL_DATA, then ~/.cache/capsctl.")]
 
 
+def print_table(table: Any) -> None:
+    """Print a rich table on stdout. On a terminal it fits the window; into a file or a pipe
+    (a log, ``| less``) it is printed at its natural width, so that no column is cut to '…' by
+    the 80 columns rich assumes when there is no terminal to measure."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    natural = out.measure(table, options=out.options.update(width=1000)).maximum
+    Console(width=max(out.width, natural)).print(table)
+
+
 def debug() -> bool:
     """True when CAPSCTL_DEBUG asks for tracebacks instead of one-line errors."""
     return os.environ.get("CAPSCTL_DEBUG", "") not in ("", "0")

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from capsctl.cli.options import DataRootOpt, DeviceOpt, cli_errors, data_root_text, err, \
-    json_line, out
+    json_line, print_table
 
 
 def _top(row: dict) -> str:
@@ -86,7 +86,7 @@ def predict(
         for row in result["rows"]:
             json_line(row)
     else:
-        out.print(predictions_table(result))
+        print_table(predictions_table(result))
     bad = sum("error" in r for r in result["rows"])
     if bad:
         err.print(f"[yellow]warning:[/] {bad} of {len(result['rows'])} file(s) could not be "

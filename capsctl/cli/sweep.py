@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from capsctl.cli.options import DataRootOpt, DeviceOpt, SetOpt, cli_errors, data_root_text, \
-    err, join_group, json_line, out
+    err, join_group, json_line, print_table
 from capsctl.errors import CapsctlError
 
 
@@ -69,7 +69,7 @@ def sweep(
     if as_json:
         json_line(compare_mod.as_json(rows))
     else:
-        out.print(compare_mod.compare_table(rows, f"capsctl sweep {run_dir / folder}"))
+        print_table(compare_mod.compare_table(rows, f"capsctl sweep {run_dir / folder}"))
 
 
 def _check_name(name: str) -> str:

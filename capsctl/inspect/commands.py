@@ -7,12 +7,14 @@ written: bad input is a one-line CapsctlError and leaves no file behind.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
 
 import torch
 
+from capsctl.compare import routing_of
 from capsctl.paths import nearest_existing
 from capsctl.errors import CapsctlError
 from capsctl.inspect import draw, figures, probe
@@ -339,6 +341,24 @@ def _routes_result(maps, grid, agree, scores, written, checkpoint, name, split, 
 
 
 @torch.no_grad()
+def run_routes_summary(checkpoint, n: int, dataset=None, split="test", device=None,
+                       data_root=None) -> dict:
+    """How far the routing is from uniform over the first ``n`` examples of the split
+    (probe.routing_statistics): numbers only, nothing written."""
+    _check_options(split=split)
+    model, cfg, state, dev = _load(checkpoint, device)
+    probe.require_routing(model)
+    name = dataset or cfg.data.name
+    source = _source(cfg, dataset, split, dev, data_root)
+    _check_input(cfg.model, _get(source, [0], dev)["x"], name)
+    if not 1 <= n <= len(source):
+        raise CapsctlError(f"--summary {n}: the {name} {split} split has {len(source)} examples; "
+                           f"give 1 to {len(source)}")
+    stats = probe.routing_statistics(model, source, n, dev)
+    return {"checkpoint": str(checkpoint), "dataset": name, "split": split,
+            "routing": routing_of(dataclasses.asdict(cfg.model)), **stats}
+
+
 def run_routes(checkpoint, index=None, digit=None, dataset=None, split="test", out=None,
                tb=None, no_tb=False, device=None, data_root=None, scale=3) -> dict:
     """Coupling coefficients after each routing pass and the agreement per class, for one

@@ -177,6 +177,36 @@ def routing_maps(model, x_BCHW: torch.Tensor) -> dict:
     return result
 
 
+@torch.no_grad()
+def routing_statistics(model, source, n: int, device, batch: int = 100) -> dict:
+    """How far the routing coefficients are from uniform, over the first ``n`` examples of
+    ``source``. For every routing pass, the means over examples of: ``to_predicted``, the mean
+    over the children of c_ij to the predicted parent (uniform: 1/J); ``largest_to_predicted``,
+    the largest such c_ij of one child; ``entropy``, the entropy of each child's coefficients
+    (normalised to sum to one over the parents) over log J, averaged over the children (1 =
+    uniform, 0 = every child to one parent); ``decided``, the share of children that send more
+    than half to one parent. Returns those as lists over the passes, plus ``examples``,
+    ``children``, ``parents``."""
+    require_routing(model)
+    totals_R4, seen = None, 0
+    for start in range(0, n, batch):
+        idx_B = torch.arange(start, min(start + batch, n), device=device)
+        out = model(source.get(idx_B)["x"], keep_routing=True)
+        c_BRIJ = torch.stack([c.float() for c in out.get("routing") or []], 1)
+        B, R, I, J = c_BRIJ.shape
+        pred_BRI1 = out["scores"].argmax(1).view(B, 1, 1, 1).expand(B, R, I, 1)
+        to_pred_BRI = c_BRIJ.gather(3, pred_BRI1).squeeze(3)
+        p_BRIJ = c_BRIJ / c_BRIJ.sum(3, keepdim=True).clamp_min(1e-30)
+        entropy_BRI = -(p_BRIJ * p_BRIJ.clamp_min(1e-30).log()).sum(3) / math.log(J)
+        stats_BR4 = torch.stack([to_pred_BRI.mean(2), to_pred_BRI.amax(2), entropy_BRI.mean(2),
+                                 (c_BRIJ.amax(3) > 0.5).float().mean(2)], 2)
+        totals_R4 = stats_BR4.sum(0) if totals_R4 is None else totals_R4 + stats_BR4.sum(0)
+        seen += B
+    mean_4R = (totals_R4 / seen).T.cpu().tolist()
+    return {"examples": seen, "children": I, "parents": J, "to_predicted": mean_4R[0],
+            "largest_to_predicted": mean_4R[1], "entropy": mean_4R[2], "decided": mean_4R[3]}
+
+
 # --- choosing examples --------------------------------------------------------------------------
 
 @torch.no_grad()
