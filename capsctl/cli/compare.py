@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from capsctl.cli.options import cli_errors, err, json_line, print_table
+from capsctl.cli.options import cli_errors, show_comparison
 
 
 @cli_errors
@@ -29,15 +29,7 @@ def compare(
     """
     from capsctl import compare as compare_mod
 
-    rows = compare_mod.compare(runs)
-    if png is not None:
-        compare_mod.write_chart(rows, png)
-    if as_json:
-        json_line(compare_mod.as_json(rows))
-    else:
-        print_table(compare_mod.compare_table(rows))
-    if png is not None:
-        err.print(f"bar chart: {png}", highlight=False)
+    show_comparison(compare_mod.compare(runs), as_json, png)
 
 
 def register(app: typer.Typer) -> None:

@@ -54,6 +54,22 @@ def print_table(table: Any) -> None:
     Console(width=max(out.width, natural)).print(table)
 
 
+def show_comparison(rows: list, as_json: bool, png: Path | None,
+                    title: str = "capsctl compare") -> None:
+    """Print the comparison of ``rows`` (compare.RunRow) as a table or one JSON object, and
+    write its bar chart to ``png`` when given (also the end of ``capsctl sweep``)."""
+    from capsctl import compare as compare_mod
+
+    if png is not None:
+        compare_mod.write_chart(rows, png)
+    if as_json:
+        json_line(compare_mod.as_json(rows))
+    else:
+        print_table(compare_mod.compare_table(rows, title))
+    if png is not None:
+        err.print(f"bar chart: {png}", highlight=False)
+
+
 def debug() -> bool:
     """True when CAPSCTL_DEBUG asks for tracebacks instead of one-line errors."""
     return os.environ.get("CAPSCTL_DEBUG", "") not in ("", "0")

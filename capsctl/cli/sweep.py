@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from capsctl.cli.options import DataRootOpt, DeviceOpt, SetOpt, cli_errors, data_root_text, \
-    err, join_group, json_line, print_table
+    err, join_group, show_comparison
 from capsctl.errors import CapsctlError
 
 
@@ -63,13 +63,7 @@ def sweep(
         distributed.shutdown()
     if not group.is_main:
         return
-    rows = compare_mod.compare(folders)
-    if png is not None:
-        compare_mod.write_chart(rows, png)
-    if as_json:
-        json_line(compare_mod.as_json(rows))
-    else:
-        print_table(compare_mod.compare_table(rows, f"capsctl sweep {run_dir / folder}"))
+    show_comparison(compare_mod.compare(folders), as_json, png, f"capsctl sweep {run_dir / folder}")
 
 
 def _check_name(name: str) -> str:
