@@ -116,10 +116,14 @@ def _names(cfg, state, data_root) -> list[str]:
 
 
 def _source(cfg, dataset: str | None, split: str, device, data_root):
+    """The evaluation source of ``dataset`` (default: the checkpoint's), its first example
+    checked against the model's input (_check_input)."""
     from capsctl.data.build import build_eval
 
-    return build_eval(dataset or cfg.data.name, split, cfg, device,
-                      str(data_root) if data_root else None)
+    name = dataset or cfg.data.name
+    source = build_eval(name, split, cfg, device, str(data_root) if data_root else None)
+    _check_input(cfg.model, _get(source, [0], device)["x"], name)
+    return source
 
 
 def _check_indices(indices: list[int], n: int) -> None:
@@ -221,7 +225,6 @@ def run_reconstruct(checkpoint, dataset=None, split="test", n=16, indices=None,
     names = _names(cfg, state, data_root)
     chosen, rows, titles = _choose(source, names, n, indices, by_class, g, dev)
     batch = _get(source, chosen, dev)
-    _check_input(cfg.model, batch["x"], name)
     draw.check_pixels(*figures.reconstruction_size(batch["x"].shape[-1], scale, rows, titles))
     recon, pred, _ = probe.reconstruct_batch(model, batch["x"], batch["y"], mask)
     wrong = int((pred != batch["y"]).sum())
@@ -243,7 +246,6 @@ def _run_segmentation(model, cfg, state, source, indices, n, g, dev, checkpoint,
     chosen = list(indices) if indices else torch.randperm(
         min(len(source), 100_000), generator=g)[:n].sort().values.tolist()
     batch = _get(source, chosen, dev)
-    _check_input(cfg.model, batch["x"], name)
     image = figures.segmentation_grid(model, batch, dev)
     written = _write(image, png, tb_dir, "inspect/segmentation", state.get("step") or 0)
     return {**written, "examples": len(chosen), "misclassified": None, "mse": None,
@@ -278,7 +280,6 @@ def run_perturb(checkpoint, index=None, digit=None, use_label=False, range_=0.25
     name = dataset or cfg.data.name
     names = _names(cfg, state, data_root)
     source = _source(cfg, dataset, split, dev, data_root)
-    _check_input(cfg.model, _get(source, [0], dev)["x"], name)
     if index is not None:
         _check_indices([index], len(source))
         chosen = [index]
@@ -350,7 +351,6 @@ def run_routes_summary(checkpoint, n: int, dataset=None, split="test", device=No
     probe.require_routing(model)
     name = dataset or cfg.data.name
     source = _source(cfg, dataset, split, dev, data_root)
-    _check_input(cfg.model, _get(source, [0], dev)["x"], name)
     if not 1 <= n <= len(source):
         raise CapsctlError(f"--summary {n}: the {name} {split} split has {len(source)} examples; "
                            f"give 1 to {len(source)}")
@@ -372,7 +372,6 @@ def run_routes(checkpoint, index=None, digit=None, dataset=None, split="test", o
     name = dataset or cfg.data.name
     names = _names(cfg, state, data_root)
     source = _source(cfg, dataset, split, dev, data_root)
-    _check_input(cfg.model, _get(source, [0], dev)["x"], name)
     if digit is not None:
         classes = parse_digit(digit, cfg.model.num_classes, names)
         if len(classes) != 1:
