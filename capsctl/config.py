@@ -255,20 +255,43 @@ def check_fits(m: Any, dataset: str, options: Any, source: str,
                           f"model.num_classes={len(names)}")
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``section.key=value`` with the value parsed as a YAML scalar (or flow list)."""
+def parse_override(text: str, option: str = "--set") -> tuple[str, Any]:
+    """``section.key=value`` with the value parsed as YAML 1.2 (a scalar, or a flow list):
+    ``010`` is 10, never the octal 8, and ``1:30`` is a string, never 90
+    (``safe_yaml.parse_value``)."""
     if "=" not in text:
-        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+        raise ConfigError(f"{option} expects section.key=value, got {text!r}")
     key, raw = text.split("=", 1)
     key = key.strip()
+    return key, parse_value(raw, f"{option} {key}")
+
+
+def parse_value(raw: str, where: str) -> Any:
+    """One command-line value (``where``: the option and key, for the message) as YAML 1.2."""
+    from capsctl.safe_yaml import parse_value as parse_yaml_1_2
+
     if len(raw) > 10000:
-        raise ConfigError(f"--set {key}: the value is {len(raw)} characters long; a config "
-                          "value is at most 10,000")
+        raise ConfigError(f"{where}: the value is {len(raw)} characters long; a config value "
+                          "is at most 10,000")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except Exception:  # YAMLError, or a constructor's ValueError (2001-02-30, "!!float ")
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r} as YAML") from None
-    return key, value
+        return parse_yaml_1_2(raw) if raw.strip() != "" else ""
+    except Exception:  # YAMLError, or a constructor's ValueError ("!!float ")
+        raise ConfigError(f"{where}: cannot parse value {raw!r} as YAML") from None
+
+
+def parse_overrides(texts: list[str] | tuple[str, ...], option: str = "--set"
+                    ) -> list[tuple[str, Any]]:
+    """Every ``section.key=value`` of the command line, parsed; a key given twice is refused
+    (as a YAML file refuses a duplicate key) instead of the last one silently winning."""
+    parsed, seen = [], {}
+    for text in texts:
+        key, value = parse_override(text, option)
+        if key in seen:
+            raise ConfigError(f"{option} {key} is given twice ({seen[key]!r} and "
+                              f"{text.split('=', 1)[1].strip()!r}); keep one")
+        seen[key] = text.split("=", 1)[1].strip()
+        parsed.append((key, value))
+    return parsed
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -285,7 +308,7 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
     ``root_flag`` (--data-root) is where a ``folder`` dataset's classes are looked up."""
     source = str(path) if path else "config"
     data = _mapping(read_yaml(path), source) if path is not None else {}
-    parsed = [parse_override(text) for text in overrides]
+    parsed = parse_overrides(overrides)
     names = {k.split(".")[0]: v for k, v in parsed if k in ("model.name", "data.name")}
     try:
         model = _family(names["model"], "--set") if "model" in names else None

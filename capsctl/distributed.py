@@ -42,12 +42,57 @@ class Group:
 SINGLE = Group()
 
 
+ENV_HINT = "torchrun sets it; unset it to run one process, or start capsctl with torchrun"
+
+
+def _env_int(name: str, default: int, low: int, high: int | None = None) -> int:
+    """The whole number in environment variable ``name`` (``default`` when unset), within
+    [low, high]; a one-line CapsctlError otherwise."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise CapsctlError(f"environment variable {name}={text[:40]!r} is not a whole number; "
+                           f"{ENV_HINT}") from None
+    if value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise CapsctlError(f"environment variable {name}={value} must be {bound}; {ENV_HINT}")
+    return value
+
+
 def env_group() -> Group:
-    """The process's place in a torchrun job (SINGLE when not started by torchrun)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """The process's place in a torchrun job (SINGLE when not started by torchrun). A
+    malformed WORLD_SIZE, RANK or LOCAL_RANK, or a job of several processes without
+    MASTER_ADDR and MASTER_PORT (where torch would look for its peers), is one line."""
+    world = _env_int("WORLD_SIZE", 1, 1, 1 << 20)
     if world <= 1:
         return SINGLE
-    return Group(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k, "").strip()]
+    if missing:
+        raise CapsctlError(f"WORLD_SIZE={world} but {' and '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} not set: the processes "
+                           f"cannot find each other; {ENV_HINT}")
+    _env_int("MASTER_PORT", 0, 1, 65535)
+    return Group(_env_int("RANK", 0, 0, world - 1), world, _env_int("LOCAL_RANK", 0, 0))
+
+
+def dist_timeout() -> timedelta:
+    """The start-up and collective timeout: $CAPSCTL_DIST_TIMEOUT seconds (default 300), a
+    finite number above 0; anything else is one line."""
+    text = os.environ.get("CAPSCTL_DIST_TIMEOUT", "").strip()
+    if not text:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not (0 < seconds <= 10 ** 7):   # NaN fails too
+        raise CapsctlError(f"environment variable CAPSCTL_DIST_TIMEOUT={text[:40]!r} must be "
+                           f"a number of seconds above 0 (at most 10^7; default "
+                           f"{DEFAULT_TIMEOUT_S}); fix or unset it")
+    return timedelta(seconds=seconds)
 
 
 def init(device_name: str) -> tuple[Group, str]:
@@ -55,6 +100,7 @@ def init(device_name: str) -> tuple[Group, str]:
     group = env_group()
     if not group.enabled:
         return group, device_name
+    timeout = dist_timeout()
     use_cuda = device_name.startswith("cuda") or (device_name == "auto"
                                                   and torch.cuda.is_available())
     if use_cuda:
@@ -64,8 +110,6 @@ def init(device_name: str) -> tuple[Group, str]:
         torch.cuda.set_device(group.local_rank)
     else:
         device_name = "cpu"
-    timeout = timedelta(seconds=float(os.environ.get("CAPSCTL_DIST_TIMEOUT",
-                                                     DEFAULT_TIMEOUT_S)))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     return group, device_name

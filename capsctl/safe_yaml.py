@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,52 @@ def read_yaml(path: str | Path) -> Any:
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# --- command-line values: YAML 1.2 ------------------------------------------------------------
+
+class Yaml12Loader(BoundedSafeLoader):
+    """The safe loader with the YAML 1.2 core schema's scalars: ``010`` is ten (octal needs
+    ``0o10``), ``1:30`` and ``1_000`` are strings (no sexagesimal numbers, no digit
+    separators), only ``true``/``false`` (any case of the first letter, or all capitals) are
+    booleans (``yes``, ``on`` are strings), and no timestamps; ``1e-3`` is a float."""
+
+    yaml_implicit_resolvers: dict = {}
+
+
+_RESOLVERS_1_2 = [
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$",
+     "-+0123456789"),
+    ("tag:yaml.org,2002:float",
+     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+.0123456789"),
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+]
+for _tag, _pattern, _first in _RESOLVERS_1_2:
+    Yaml12Loader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+
+
+def _construct_int_1_2(loader: yaml.SafeLoader, node: ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)
+
+
+def _construct_float_1_2(loader: yaml.SafeLoader, node: ScalarNode) -> float:
+    text = loader.construct_scalar(node).lower()
+    if text.endswith(".inf"):
+        return float("-inf") if text.startswith("-") else float("inf")
+    return float("nan") if text == ".nan" else float(text)
+
+
+Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int_1_2)
+Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _construct_float_1_2)
+
+
+def parse_value(text: str) -> Any:
+    """A value given on the command line (``--set``, ``--vary``) parsed as YAML 1.2 (see
+    Yaml12Loader): a scalar, or a flow list or mapping. Raises yaml.YAMLError (or the
+    constructors' ValueError) for text that is not YAML; the caller words the message."""
+    return yaml.load(text, Loader=Yaml12Loader)  # noqa: S506 - a SafeLoader subclass

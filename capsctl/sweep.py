@@ -101,6 +101,10 @@ def grid(config_path: Path | None, axes: list[tuple[str, list[str]]],
     combos = list(itertools.product(*(values for _, values in axes)))
     if len(combos) > MAX_POINTS:
         raise CapsctlError(f"sweep: the grid has {len(combos):,} points; at most {MAX_POINTS}")
+    fixed = {k for k, _ in config_mod.parse_overrides(sets)}
+    for key, _ in axes:
+        if key in fixed:
+            raise CapsctlError(f"sweep: --vary {key} and --set {key} both set it; drop one")
     points = []
     for combo in combos:
         values = {k: v for (k, _), v in zip(axes, combo)}
@@ -115,7 +119,23 @@ def grid(config_path: Path | None, axes: list[tuple[str, list[str]]],
     if len(set(names)) != len(names):
         raise CapsctlError("sweep: two grid points map to the same folder name; use values "
                            "that differ in letters, digits or . _ - +")
+    _check_distinct(points)
     return points
+
+
+def _check_distinct(points: list[Point]) -> None:
+    """Refuse two grid points with the same config (``--vary train.seed=1,01``: both are 1 as
+    YAML 1.2 values), which would train one run twice under two names."""
+    seen: dict[str, Point] = {}
+    for p in points:
+        key = config_mod.dump(p.cfg)
+        if key in seen:
+            first = seen[key]
+            k = next(k for k in p.values if p.values[k] != first.values[k])
+            raise CapsctlError(f"sweep: points {first.name} and {p.name} are the same config "
+                               f"(--vary {k}: {first.values[k]!r} and {p.values[k]!r} are one "
+                               "value as YAML 1.2); list each value once")
+        seen[key] = p
 
 
 def is_finished(folder: Path, cfg) -> bool:

@@ -36,8 +36,8 @@ err = Console(stderr=True)
 DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="auto | cpu | cuda | cuda:N. Default: train.device from the config (auto).")]
 SetOpt = Annotated[list[str], typer.Option(
-    "--set", help="Override a config key, repeatable: --set train.epochs=3 (values are YAML). "
-                  "Default: none.")]
+    "--set", help="Override a config key, repeatable: --set train.epochs=3 (values are YAML "
+                  "1.2: 010 is 10, 1:30 a string; each key once). Default: none.")]
 DataRootOpt = Annotated[Optional[Path], typer.Option(
     "--data-root", help="Folder with the MNIST IDX files. Default: data.root, then "
                         "$CAPSCTL_DATA, then ~/.cache/capsctl.")]

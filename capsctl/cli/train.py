@@ -45,8 +45,7 @@ def _resume_config(folder: Path, set_: list[str], root_flag: str | None):
                            "config.yaml): start the run again without --resume")
     else:
         raise CapsctlError(f"--resume {folder}: no such run folder")
-    for text in set_:
-        key, value = config_mod.parse_override(text)
+    for key, value in config_mod.parse_overrides(set_):
         if not key.startswith("train.") or key in ("train.batch_size", "train.seed"):
             raise CapsctlError(f"--set {key}: only train.* keys (not batch_size or seed) can "
                                "change when resuming; start a new run instead")
@@ -78,6 +77,7 @@ def _exec_torchrun(nproc: int) -> None:
 
     if distributed.env_group().enabled:
         raise CapsctlError("--nproc conflicts with torchrun: use one or the other")
+    distributed.dist_timeout()  # a bad CAPSCTL_DIST_TIMEOUT: one line here, not one per worker
     argv = distributed.torchrun_argv(nproc, distributed.strip_nproc(sys.argv[1:]))
     os.execv(argv[0], argv)  # torchrun takes over this process (and its signals)
 

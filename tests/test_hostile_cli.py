@@ -1,0 +1,112 @@
+"""Hostile and clumsy input on the command line (issue 24, items 7-13), each through the CLI:
+folders whose classes differ from the checkpoint's, a sweep rerun with other settings, an
+ensemble of models with different kinds of score, YAML 1.1 surprises and repeated keys on the
+command line, run folders `compare` did not write, a bad distributed environment, square
+brackets in user-given strings and warnings as one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from capsctl.cli import app
+from capsctl.config import dump
+from conftest import REPO, tiny_config
+
+runner = CliRunner()
+
+
+def cli(*args, env: dict | None = None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+def one_line_error(r, *needles: str) -> str:
+    """Exit 2, one line on the output (stderr), no traceback, naming every needle."""
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1, r.output
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in r.output
+    return lines[0]
+
+
+# --- item 12: a bad distributed environment --------------------------------------------------
+
+@pytest.mark.parametrize("env, needle", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number"),
+    ({"WORLD_SIZE": "-3"}, "WORLD_SIZE=-3 must be"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": None, "MASTER_PORT": None},
+     "MASTER_ADDR and MASTER_PORT are not set"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": None},
+     "MASTER_PORT is not set"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "RANK": "5"},
+     "RANK=5 must be from 0 to 1"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999",
+      "CAPSCTL_DIST_TIMEOUT": "abc"}, "CAPSCTL_DIST_TIMEOUT='abc' must be a number of seconds"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999",
+      "CAPSCTL_DIST_TIMEOUT": "nan"}, "CAPSCTL_DIST_TIMEOUT='nan'"),
+])
+def test_a_bad_distributed_environment_is_one_line(tmp_path, env, needle):
+    base = {"RANK": "0", "LOCAL_RANK": "0", "CAPSCTL_DIST_TIMEOUT": None}
+    for args in (["train", REPO / "configs/mnist-quick.yaml", "--run-dir", tmp_path],
+                 ["eval", tmp_path / "nothing.pt"]):
+        one_line_error(cli(*args, env={**base, **env}), needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nproc_checks_the_timeout_before_starting_torchrun(tmp_path):
+    one_line_error(cli("train", REPO / "configs/mnist-quick.yaml", "--nproc", "2",
+                       env={"CAPSCTL_DIST_TIMEOUT": "0", "WORLD_SIZE": None}),
+                   "CAPSCTL_DIST_TIMEOUT='0'")
+
+
+# --- item 10: --set and --vary values by YAML 1.2; a key set twice ---------------------------
+
+def _config(*args) -> dict:
+    r = cli("config", REPO / "configs/mnist-quick.yaml", *args)
+    assert r.exit_code == 0, r.output
+    return yaml.safe_load(r.stdout)
+
+
+def test_set_values_follow_yaml_1_2():
+    cfg = _config("--set", "train.seed=010", "--set", "train.max_steps=0x10",
+                  "--set", "optim.lr=1e-3", "--set", "train.log_every=0o17")
+    assert cfg["train"]["seed"] == 10          # YAML 1.1: 8 (octal)
+    assert cfg["train"]["max_steps"] == 16
+    assert cfg["optim"]["lr"] == 0.001
+    assert cfg["train"]["log_every"] == 15
+    # 1:30 is a string in YAML 1.2 (1.1: the sexagesimal 90), so not a learning rate
+    one_line_error(cli("config", REPO / "configs/mnist-quick.yaml", "--set", "optim.lr=1:30"),
+                   "optim.lr", "'1:30'")
+    # yes/on are strings in YAML 1.2, not booleans
+    one_line_error(cli("config", REPO / "configs/mnist-quick.yaml", "--set",
+                       "train.compile=yes"), "train.compile", "true or false")
+
+
+def test_a_key_set_twice_on_the_command_line_is_refused(tmp_path):
+    line = one_line_error(cli("config", REPO / "configs/mnist-quick.yaml", "--set",
+                              "train.seed=1", "--set", "train.seed=2"), "train.seed")
+    assert "twice" in line
+    line = one_line_error(cli("train", REPO / "configs/mnist-quick.yaml", "--run-dir", tmp_path,
+                              "--set", "optim.lr=0.1", "--set", " optim.lr = 0.2"), "optim.lr")
+    assert "twice" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_vary_values_equal_as_yaml_1_2_are_refused(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text((REPO / "configs/mnist-quick.yaml").read_text())
+    one_line_error(cli("sweep", cfg, "--run-dir", tmp_path, "--vary", "train.seed=1,01"),
+                   "train.seed", "same config")
+    one_line_error(cli("sweep", cfg, "--run-dir", tmp_path, "--vary", "train.seed=1,2",
+                       "--set", "train.seed=3"), "train.seed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
