@@ -1,4 +1,4 @@
-# capsctl: make install | test | demo | bench | clean
+# capsctl: make install | test | demo | bench | docs | clean
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 CAPSCTL_DATA ?= $(if $(wildcard ../shared/datasets/mnist),../shared/datasets/mnist,)
 export CAPSCTL_DATA
 
-.PHONY: install test demo bench readme clean
+.PHONY: install test demo bench docs readme clean
 
 install: $(STAMP)
 
@@ -33,9 +33,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/capsctl bench configs/mnist.yaml --set train.batch_size=100
 
-# Refresh the README's config reference from the config dataclasses.
-readme: $(STAMP)
-	$(PY) -c "import re,subprocess,pathlib; p=pathlib.Path('README.md'); t=subprocess.run(['$(VENV)/bin/capsctl','config','--reference'],capture_output=True,text=True,check=True).stdout; s=p.read_text(); a='<!-- config-reference:start (make readme) -->'; b='<!-- config-reference:end -->'; p.write_text(s[:s.index(a)+len(a)]+'\n'+t+s[s.index(b):])"
+# Regenerate the config reference in docs/config.md (between its markers) from the config
+# dataclasses; tests/test_docs.py checks it is current. `make readme` is the old name.
+docs: $(STAMP)
+	$(PY) -c "import subprocess,pathlib; p=pathlib.Path('docs/config.md'); t=subprocess.run(['$(VENV)/bin/capsctl','config','--reference'],capture_output=True,text=True,check=True).stdout; s=p.read_text(); a='<!-- config-reference:start (make docs) -->'; b='<!-- config-reference:end -->'; p.write_text(s[:s.index(a)+len(a)]+'\n'+t+s[s.index(b):])"
+
+readme: docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache
