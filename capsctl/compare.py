@@ -42,22 +42,62 @@ class RunRow:
     steps: int | None = None
     finished: bool = False
     wall_s: float | None = None
+    unreadable: str | None = None   # why the folder's files cannot be compared (a row still)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of metrics.jsonl; a torn or foreign line (a kill mid-write) is skipped."""
+class Unreadable(CapsctlError):
+    """A run folder's config.yaml or metrics.jsonl holds what capsctl never writes."""
+
+
+MAX_TIME = 1e11        # a row's "time" is Unix seconds: 0 up to the year 5138
+MAX_STEP = 2 ** 63
+
+
+def _non_finite(text: str):
+    raise ValueError(f"non-finite number {text}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:30]} beyond a float")
+    return value
+
+
+def _check_row(row: dict, n: int, path: Path) -> None:
+    """Unreadable unless the row's step and time are what the trainer writes."""
+    step, when = row["step"], row.get("time")
+    if not 0 <= step < MAX_STEP:
+        raise Unreadable(f"{path.name} line {n}: step {str(step)[:30]} is not a step count")
+    if when is not None and (isinstance(when, bool) or not isinstance(when, (int, float))
+                             or not 0 <= when < MAX_TIME):
+        raise Unreadable(f"{path.name} line {n}: time {str(when)[:30]} is not a time in "
+                         "seconds")
+
+
+def read_metrics(path: Path, strict: bool = False) -> list[dict]:
+    """The rows of metrics.jsonl; a torn or foreign line (a kill mid-write) is skipped.
+    ``strict``: a row with a number capsctl never writes (Infinity, NaN, 1e400, a time that
+    is not Unix seconds, a negative step) raises Unreadable naming the line."""
     rows = []
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return rows
-    for line in text.splitlines():
+    for n, line in enumerate(text.splitlines(), 1):
         try:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+            continue
+        if strict:
+            try:
+                json.loads(line, parse_constant=_non_finite, parse_float=_finite_float)
+            except ValueError as e:
+                raise Unreadable(f"{path.name} line {n}: {e}") from None
+            _check_row(row, n, path)
+        rows.append(row)
     return rows
 
 
@@ -82,7 +122,7 @@ def _wall(rows: list[dict], batch: int | None) -> float | None:
     rate = first.get("images_per_s")
     if batch and isinstance(rate, (int, float)) and rate > 0:
         span += first["step"] * batch / rate
-    return span
+    return span if 0 <= span < MAX_TIME else None   # a rate of 1e-300 images/s: unknown
 
 
 def parameter_count(config: dict, source: str) -> int | None:
@@ -107,11 +147,14 @@ def routing_of(model: dict) -> str | None:
     name = model.get("name")
     if name == "capsnet":
         return str(model.get("routing", "dynamic"))
-    return NO_ROUTING.get(name)
+    return NO_ROUTING.get(name) if isinstance(name, str) else None
 
 
 def read_run(folder: Path, count_parameters: bool = True) -> RunRow:
-    """One run's row from ``folder``/config.yaml and ``folder``/metrics.jsonl."""
+    """One run's row from ``folder``/config.yaml and ``folder``/metrics.jsonl. A folder that is
+    not a run folder is a CapsctlError; one whose files hold what capsctl never writes (a
+    config section that is not a mapping, a name that is not a string, YAML that does not
+    parse, Infinity or NaN in metrics.jsonl) is a row with ``unreadable`` saying why."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CapsctlError(f"compare: {folder} is not a run folder (no such directory)")
@@ -119,13 +162,27 @@ def read_run(folder: Path, count_parameters: bool = True) -> RunRow:
         raise CapsctlError(f"compare: {folder} holds neither {CONFIG_FILE} nor {METRICS_FILE}; "
                            "is it a run folder?")
     row = RunRow(run=str(folder), name=folder.name)
+    try:
+        _fill(row, folder, count_parameters)
+    except CapsctlError as e:   # ConfigError of the YAML reader, Unreadable
+        return RunRow(run=str(folder), name=folder.name,
+                      unreadable=" ".join(str(e).replace(str(folder) + "/", "").split()))
+    return row
+
+
+def _fill(row: RunRow, folder: Path, count_parameters: bool) -> None:
     config = _read_config(folder / CONFIG_FILE)
-    model, data, train = (config.get(s) or {} for s in ("model", "data", "train"))
+    model, data, train = (_section(config, s) for s in ("model", "data", "train"))
+    for section, key, value in (("model", "name", model.get("name")),
+                                ("model", "routing", model.get("routing")),
+                                ("data", "name", data.get("name"))):
+        if value is not None and not isinstance(value, str):
+            raise Unreadable(f"{CONFIG_FILE}: {section}.{key} is {str(value)[:40]}, not a name")
     row.model, row.routing = model.get("name"), routing_of(model)
     row.dataset = data.get("name")
     if count_parameters and config:
         row.parameters = parameter_count(config, str(folder / CONFIG_FILE))
-    rows = read_metrics(folder / METRICS_FILE)
+    rows = read_metrics(folder / METRICS_FILE, strict=True)
     rates = _numbers(rows, "images_per_s")
     row.images_per_s = statistics.median(rates) if rates else None
     val = _numbers(rows, "val/accuracy")
@@ -134,18 +191,30 @@ def read_run(folder: Path, count_parameters: bool = True) -> RunRow:
     row.finished = finished(rows)
     row.test = _tests(rows, row.dataset)
     batch = train.get("batch_size")
-    row.wall_s = _wall(rows, batch if isinstance(batch, int) else None)
-    return row
+    row.wall_s = _wall(rows, batch if isinstance(batch, int) and batch > 0 else None)
 
 
 def _read_config(path: Path) -> dict:
-    """config.yaml as a mapping ({} when absent or not a mapping)."""
+    """config.yaml as a mapping ({} when absent); Unreadable when it is not a mapping."""
     if not path.is_file():
         return {}
     from capsctl.safe_yaml import read_yaml
 
     data = read_yaml(path)
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise Unreadable(f"{CONFIG_FILE} is a {type(data).__name__}, not a mapping of sections")
+    return data
+
+
+def _section(config: dict, name: str) -> dict:
+    """``config[name]`` ({} when absent); Unreadable when it is not a mapping."""
+    value = config.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Unreadable(f"{CONFIG_FILE}: section '{name}' is {str(value)[:40]!r}, not a "
+                         "mapping of keys")
+    return value
 
 
 def _tests(rows: list[dict], dataset: str | None) -> dict[str, float]:
@@ -264,7 +333,7 @@ def _pct(x: float | None) -> str:
 
 
 def _duration(s: float | None) -> str:
-    if s is None:
+    if s is None or not 0 <= s < MAX_TIME:   # NaN and infinities too
         return "-"
     m, sec = divmod(int(round(s)), 60)
     h, m = divmod(m, 60)
@@ -274,22 +343,29 @@ def _duration(s: float | None) -> str:
 def compare_table(rows: list[RunRow], title: str = "capsctl compare"):
     """A rich Table: one row per run, a test-accuracy column per dataset any run was tested
     on (its own dataset and train.final_eval ones); '-' where a run has no value."""
+    from rich.markup import escape
     from rich.table import Table
 
     names = datasets(rows)
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for col in ("run", "model", "routing", "parameters", "train img/s", "best val"):
         table.add_column(col, justify="left" if col in ("run", "model", "routing") else "right")
     for d in names:
-        table.add_column(f"test {d}", justify="right")
+        table.add_column(escape(f"test {d}"), justify="right")
     table.add_column("steps", justify="right")
     table.add_column("wall", justify="right")
+    notes = any(r.unreadable for r in rows)
+    if notes:
+        table.add_column("note")
     for r in rows:
-        table.add_row(r.name, r.model or "-", r.routing or "-",
-                      "-" if r.parameters is None else f"{r.parameters:,}",
-                      "-" if r.images_per_s is None else f"{r.images_per_s:,.1f}",
-                      _pct(r.best_val_accuracy), *(_pct(r.test.get(d)) for d in names),
-                      ("-" if r.steps is None else f"{r.steps:,}")
-                      + ("" if r.finished else " (unfinished)"),
-                      _duration(r.wall_s))
+        cells = [escape(r.name), escape(r.model or "-"), escape(r.routing or "-"),
+                 "-" if r.parameters is None else f"{r.parameters:,}",
+                 "-" if r.images_per_s is None else f"{r.images_per_s:,.1f}",
+                 _pct(r.best_val_accuracy), *(_pct(r.test.get(d)) for d in names),
+                 ("-" if r.steps is None else f"{r.steps:,}")
+                 + ("" if r.finished or r.unreadable else " (unfinished)"),
+                 _duration(r.wall_s)]
+        if notes:
+            cells.append(escape(f"unreadable: {r.unreadable}") if r.unreadable else "")
+        table.add_row(*cells)
     return table

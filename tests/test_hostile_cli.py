@@ -110,3 +110,63 @@ def test_vary_values_equal_as_yaml_1_2_are_refused(tmp_path):
     one_line_error(cli("sweep", cfg, "--run-dir", tmp_path, "--vary", "train.seed=1,2",
                        "--set", "train.seed=3"), "train.seed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+# --- item 11: compare on folders it did not write --------------------------------------------
+
+ROWS = [{"step": 10, "time": 100.0, "images_per_s": 50.0},
+        {"step": 20, "time": 110.0, "val/accuracy": 0.90},
+        {"step": 20, "time": 125.0, "test/accuracy": 0.94, "test/error": 0.06}]
+
+
+def _run_folder(folder: Path, config_text: str | None = None, metrics: str | None = None
+                ) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(config_text if config_text is not None
+                                        else dump(tiny_config()))
+    (folder / "metrics.jsonl").write_text(metrics if metrics is not None
+                                          else "".join(json.dumps(r) + "\n" for r in ROWS))
+    return folder
+
+
+HOSTILE_METRICS = {"time-inf": '{"step": 30, "time": Infinity}\n',
+                   "time-nan": '{"step": 30, "time": NaN}\n',
+                   "time-1e308": '{"step": 30, "time": 1e308}\n',
+                   "rate-1e400": '{"step": 30, "time": 130.0, "images_per_s": 1e400}\n',
+                   "step-negative": '{"step": -5, "time": 130.0}\n'}
+HOSTILE_CONFIGS = {"model-list": "model: [1, 2]\n", "data-string": "data: mnist\n",
+                   "name-list": "model: {name: [a]}\n", "top-list": "- 1\n- 2\n",
+                   "routing-map": "model: {name: capsnet, routing: {a: 1}}\n",
+                   "yaml-syntax": "model: {name: [\n"}
+
+
+def _hostile_folders(root: Path) -> list[Path]:
+    good = "".join(json.dumps(r) + "\n" for r in ROWS)
+    folders = [_run_folder(root / f"m-{k}", metrics=good + v) for k, v in HOSTILE_METRICS.items()]
+    folders += [_run_folder(root / f"c-{k}", config_text=v) for k, v in HOSTILE_CONFIGS.items()]
+    return folders
+
+
+def test_compare_marks_unreadable_folders_and_compares_the_others(tmp_path):
+    good = _run_folder(tmp_path / "good")
+    bad = _hostile_folders(tmp_path)
+    r = cli("compare", good, *bad, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    runs = {x["name"]: x for x in doc["runs"]}
+    assert runs["good"]["unreadable"] is None and runs["good"]["test"] == {"mnist": 0.94}
+    assert runs["good"]["finished"] and runs["good"]["model"] == "capsnet"
+    for folder in bad:
+        why = runs[folder.name]["unreadable"]
+        assert why, folder.name
+        assert ("metrics.jsonl line 4" if folder.name.startswith("m-") else "config.yaml") in why
+    assert "Infinity" in runs["m-time-inf"]["unreadable"]
+    assert "section 'model'" in runs["c-model-list"]["unreadable"]
+    assert "model.name" in runs["c-name-list"]["unreadable"]
+
+    r = cli("compare", good, *bad)          # the table: one row each, the bad ones marked
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output and "94.00%" in r.stdout
+    for folder in bad:
+        line = next(x for x in r.stdout.splitlines() if folder.name in x)
+        assert "unreadable" in line, line
