@@ -8,7 +8,9 @@ share it). Running the same sweep again continues it: a point whose folder holds
 row (and a row for each ``train.final_eval`` dataset) is skipped, one with checkpoints/last.pt
 is resumed (also a finished one when train.epochs or max_steps changed), one without (stopped
 before its first checkpoint) starts again, its folder moved aside. Every grid point's config is
-loaded and checked before anything trains; a folder holding another config's run is refused.
+loaded and checked before anything trains; a folder holding a run of another config (a rerun
+with other --set values) is refused with one line naming the differing keys, or with
+``--force`` moved aside and trained again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from capsctl import config as config_mod
-from capsctl.compare import read_metrics
 from capsctl.errors import CapsctlError
 
 MAX_POINTS = 1000
@@ -139,83 +140,60 @@ def _check_distinct(points: list[Point]) -> None:
 
 
 def is_finished(folder: Path, cfg) -> bool:
-    """True when the run in ``folder`` tested its best model: the final test row, and a row
-    for every ``train.final_eval`` dataset."""
-    keys = {k for row in read_metrics(folder / "metrics.jsonl") for k in row}
-    return "test/accuracy" in keys and all(f"test/{name}/accuracy" in keys
-                                           for name in cfg.train.final_eval)
+    """True when the run in ``folder`` tested its best model (``training.rundir``)."""
+    from capsctl.training.rundir import is_finished as finished
+
+    return finished(folder, cfg)
 
 
-def status(folder: Path, cfg) -> str:
-    """What a rerun does with a grid point's folder: NEW (none yet), DONE (finished: skip),
-    RESUME (checkpoints/last.pt; also a finished run whose budget, train.epochs or max_steps,
-    changed) or RESTART (a folder with neither)."""
-    if not folder.exists():
-        return NEW
-    if is_finished(folder, cfg) and _same_budget(folder, cfg):
-        return DONE
-    if (folder / "checkpoints" / "last.pt").is_file():
-        check_same_run(folder, cfg)
-        return RESUME
-    return RESTART
+def status(folder: Path, cfg, force: bool = False) -> str:
+    """What a rerun does with a grid point's folder: NEW (none yet), DONE (finished with this
+    config: skip), RESUME (checkpoints/last.pt; also a finished run whose budget, train.epochs
+    or max_steps, changed) or RESTART (a folder without a checkpoint; with ``force`` also one
+    holding a run of another config, moved aside). A folder of another config without
+    ``force`` is a one-line error naming the differing keys (``training.rundir.folder_state``:
+    the answer `capsctl train` gives too)."""
+    from capsctl.training import rundir
 
-
-FIXED_TRAIN_KEYS = ("batch_size", "seed", "precision")  # what a resume cannot change
+    state = rundir.folder_state(folder, cfg)
+    if state.kind == rundir.FOREIGN:
+        if force:
+            return RESTART
+        raise CapsctlError(f"sweep: {folder} holds a run of another config "
+                           f"({', '.join(state.differ[:5])}; in the folder -> asked now); rerun "
+                           "with --force to train it again (the old folder is moved aside), or "
+                           "choose another --name")
+    return {rundir.NEW: NEW, rundir.FINISHED: DONE, rundir.RESUMABLE: RESUME,
+            rundir.STARTED: RESTART}[state.kind]
 
 
 def check_same_run(folder: Path, cfg) -> None:
-    """Refuse to resume ``folder`` when its config.yaml describes another run than ``cfg``:
-    a key of model, loss, data or optim, or a train key a resume cannot change, differs (keys
-    only one of the two has, e.g. from another capsctl version, are not compared)."""
-    path = folder / "config.yaml"
-    if not path.is_file():
-        return
-    stored = config_mod.read_yaml(path)
-    if not isinstance(stored, dict):
-        raise CapsctlError(f"sweep: {path} is not a config mapping; move {folder} away")
-    mine = config_mod.to_dict(cfg)
-    differ = []
-    for section in ("model", "loss", "data", "optim", "train"):
-        theirs = stored.get(section) if isinstance(stored.get(section), dict) else {}
-        keys = set(mine[section]) & set(theirs)
-        if section == "train":
-            keys &= set(FIXED_TRAIN_KEYS)
-        differ += [f"{section}.{k}" for k in sorted(keys) if theirs[k] != mine[section][k]]
-    if differ:
-        raise CapsctlError(f"sweep: {folder} holds a run of another config "
-                           f"({', '.join(differ[:5])} differ); move it away or choose "
-                           "another --name")
-
-
-def _same_budget(folder: Path, cfg) -> bool:
-    """True when the run in ``folder`` was made with ``cfg``'s train.epochs and max_steps (a
-    sweep rerun with a larger budget resumes finished runs instead of skipping them)."""
-    path = folder / "config.yaml"
-    stored = config_mod.read_yaml(path) if path.is_file() else None
-    train = stored.get("train") if isinstance(stored, dict) else None
-    train = train if isinstance(train, dict) else {}
-    return (train.get("epochs"), train.get("max_steps")) == (cfg.train.epochs,
-                                                             cfg.train.max_steps)
+    """Refuse ``folder`` when its config.yaml describes another run than ``cfg`` (see
+    status)."""
+    status(folder, cfg)
 
 
 def run_sweep(points: list[Point], root: Path, device, *, data_root: str | None = None,
               console=None, show_progress: bool = True, group=None,
-              say: Callable[[str], None] = lambda msg: None) -> list[Path]:
+              say: Callable[[str], None] = lambda msg: None, force: bool = False) -> list[Path]:
     """Train every grid point into ``root``/<point> one after another (skipping finished ones,
-    resuming interrupted ones). Returns the folders in grid order. Raises the trainer's
+    resuming interrupted ones). Every point's folder is checked first: one holding a run of
+    another config stops the sweep before anything trains, unless ``force`` (then it is moved
+    aside and trained again). Returns the folders in grid order. Raises the trainer's
     Interrupted when a signal stops a run (its last.pt is written: rerun to continue)."""
     from capsctl import distributed
     from capsctl.training import train
 
     group = group or distributed.SINGLE
+    distributed.agree(lambda: [status(root / p.name, p.cfg, force) for p in points], group)
     folders = []
     for k, p in enumerate(points, 1):
         folder = root / p.name
-        state = distributed.agree(lambda: status(folder, p.cfg), group)
+        state = distributed.agree(lambda: status(folder, p.cfg, force), group)
         say(f"[{k}/{len(points)}] {p.name}: " + {NEW: "training", DONE: "finished, skipped",
                                                   RESUME: "resuming from checkpoints/last.pt",
-                                                  RESTART: "no checkpoint yet, starting again "
-                                                           "(the old folder moved aside)"}[state])
+                                                  RESTART: "starting again (the old folder "
+                                                           "moved aside)"}[state])
         if state != DONE:
             train(p.cfg, folder, device, data_root=data_root, resume=state == RESUME,
                   console=console, show_progress=show_progress, force=state == RESTART,

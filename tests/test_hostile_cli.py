@@ -170,3 +170,44 @@ def test_compare_marks_unreadable_folders_and_compares_the_others(tmp_path):
     for folder in bad:
         line = next(x for x in r.stdout.splitlines() if folder.name in x)
         assert "unreadable" in line, line
+
+
+# --- item 8: a sweep rerun with other settings -------------------------------------------------
+
+def _tiny_yaml(tmp_path: Path, root: Path) -> Path:
+    raw = {"model": {"conv1_channels": 8, "primary_types": 2, "primary_dim": 4, "class_dim": 6,
+                     "decoder_hidden": [16, 32], "transform_init_std": 0.1},
+           "data": {"val_size": 32, "root": str(root)},
+           "train": {"batch_size": 16, "eval_batch_size": 64, "log_every": 2,
+                     "checkpoint_every": 0, "checkpoint_minutes": 0.0, "max_steps": 2,
+                     "images_every_epoch": False}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_sweep_rerun_with_other_settings_names_the_keys(tmp_path, fake_mnist):
+    config = _tiny_yaml(tmp_path, fake_mnist)
+    sweep = ["sweep", config, "--run-dir", tmp_path / "runs", "--vary",
+             "model.routing=dynamic", "--no-progress", "--json"]
+    r = cli(*sweep)
+    assert r.exit_code == 0, r.output
+    point = tmp_path / "runs" / "tiny" / "routing=dynamic"
+    first = (point / "metrics.jsonl").read_bytes()
+    r = cli(*sweep)                                         # the same settings: skipped
+    assert r.exit_code == 0 and "finished, skipped" in r.stderr, r.output
+
+    line = one_line_error(cli(*sweep, "--set", "optim.lr=0.05"), "optim.lr (0.001 -> 0.05)",
+                          "--force")
+    assert "finished, skipped" not in line
+    assert (point / "metrics.jsonl").read_bytes() == first  # nothing touched
+    # train names the same difference for a folder of another config
+    one_line_error(cli("train", config, "--run-dir", tmp_path / "runs" / "tiny", "--name",
+                       "routing=dynamic", "--set", "optim.lr=0.05", "--no-progress"),
+                   "another config", "optim.lr (0.001 -> 0.05)")
+
+    r = cli(*sweep, "--set", "optim.lr=0.05", "--force")    # trained again, the old moved aside
+    assert r.exit_code == 0, r.output
+    assert "optim:\n  lr: 0.05" in (point / "config.yaml").read_text()
+    aside = [p for p in point.parent.iterdir() if p.name.startswith("routing=dynamic.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "metrics.jsonl").read_bytes() == first

@@ -34,10 +34,15 @@ def sweep(
         "--json", help="Print the final comparison as one JSON object. Default: a table.")] = False,
     png: Annotated[Optional[Path], typer.Option(
         "--png", help="Also write the comparison's bar chart here. Default: none.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Train again the points whose folder holds a run of another config "
+                        "(the old folders moved aside). Default: such a folder stops the sweep "
+                        "with one line naming the differing keys.")] = False,
 ):
     """Train every combination of the --vary values, each into RUN_DIR/NAME/<key=value,...>,
     one after another (or on every rank under torchrun), then compare them. Run the same
-    command again to continue: finished points are skipped, an interrupted one resumes.
+    command again to continue: finished points are skipped, an interrupted one resumes; a
+    point whose folder holds another config (other --set values) is refused unless --force.
 
     Example: capsctl sweep configs/routing-compare.yaml --vary model.routing=dynamic,uniform,
     self-attention,inverted-dot-product --set train.max_steps=300
@@ -54,7 +59,8 @@ def sweep(
     try:
         folders = sweep_mod.run_sweep(points, run_dir / folder, dev,
                                       data_root=data_root_text(data_root), console=err,
-                                      show_progress=not no_progress, group=group, say=say)
+                                      show_progress=not no_progress, group=group, say=say,
+                                      force=force)
     except Interrupted as e:
         err.print(f"[yellow]{escape(str(e).split('; Resume')[0])}; run the same sweep command "
                   "again to continue[/]", highlight=False, soft_wrap=True)

@@ -144,7 +144,7 @@ def train(
     dev = device_mod.resolve(device or cfg.train.device)
     if folder is None:  # created by train(); rank 0 decides for every rank
         run_name = name or check_name(config.stem)
-        folder = distributed.agree(lambda: check_run_dir(run_dir, run_name, force), group)
+        folder = distributed.agree(lambda: check_run_dir(run_dir, run_name, force, cfg), group)
     try:
         summary = train_fn(cfg, folder, dev, data_root=data_root_text(data_root),
                            resume=resume is not None, console=err,

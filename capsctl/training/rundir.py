@@ -131,18 +131,125 @@ def _writable_parent(run_dir: Path) -> None:
                            "folder; pick another --run-dir")
 
 
-def check_run_dir(runs_root: Path, name: str, force: bool) -> Path:
+# --- what an existing run folder holds: the answer of `train` and of `sweep` ----------------
+
+NEW, FINISHED, RESUMABLE, STARTED, FOREIGN = "new", "finished", "resumable", "started", "foreign"
+FIXED_TRAIN_KEYS = ("batch_size", "seed", "precision")   # what a resume cannot change
+BUDGET_KEYS = ("epochs", "max_steps")                    # more of them: a finished run resumes
+INCIDENTAL_KEYS = {"data.root", "data.download", "data.workers"}  # where, not what
+
+
+@dataclass(frozen=True)
+class FolderState:
+    """What an existing run folder holds compared with the config asked for now: ``kind`` is
+    NEW (nothing yet), FINISHED (tested, this config and budget), RESUMABLE (this config,
+    checkpoints/last.pt: unfinished, or finished with another budget), STARTED (this config,
+    no checkpoint yet) or FOREIGN (another config: ``differ`` names each differing key)."""
+
+    kind: str
+    differ: tuple[str, ...] = ()
+
+
+def _short_value(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 30 else text[:27] + "..."
+
+
+def config_differences(stored: dict, cfg: Config) -> list[str]:
+    """The keys whose value in ``stored`` (a run folder's config.yaml) differs from ``cfg``'s,
+    as ``section.key (stored in the folder -> asked now)``: every key of model, loss, data and
+    optim (not where the data lives: data.root, download, workers) and the train keys a resume
+    cannot change. Keys only one of the two has (another capsctl version) are not compared."""
+    from capsctl.config import to_dict
+
+    mine, differ = to_dict(cfg), []
+    for section in ("model", "loss", "data", "optim", "train"):
+        theirs = stored.get(section) if isinstance(stored.get(section), dict) else {}
+        keys = set(mine[section]) & set(theirs)
+        if section == "train":
+            keys &= set(FIXED_TRAIN_KEYS)
+        differ += [f"{section}.{k} ({_short_value(theirs[k])} -> "
+                   f"{_short_value(mine[section][k])})"
+                   for k in sorted(keys) if theirs[k] != mine[section][k]
+                   and f"{section}.{k}" not in INCIDENTAL_KEYS]
+    return differ
+
+
+def stored_config(run_dir: Path) -> dict | None:
+    """``run_dir``/config.yaml as a mapping (None when absent); one line when it is not one."""
+    from capsctl.config import read_yaml
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    stored = read_yaml(path)
+    if not isinstance(stored, dict):
+        raise CapsctlError(f"{path} is not a config mapping; move {run_dir} away")
+    return stored
+
+
+def is_finished(run_dir: Path, cfg: Config) -> bool:
+    """True when the run in ``run_dir`` tested its best model: the final test row, and a row
+    for every ``train.final_eval`` dataset of ``cfg``."""
+    from capsctl.compare import read_metrics
+
+    keys = {k for row in read_metrics(run_dir / METRICS_FILE) for k in row}
+    return "test/accuracy" in keys and all(f"test/{name}/accuracy" in keys
+                                           for name in cfg.train.final_eval)
+
+
+def folder_state(run_dir: Path, cfg: Config) -> FolderState:
+    """What ``run_dir`` holds for a run of ``cfg`` (see FolderState). Writes nothing."""
+    if not run_dir.exists() or is_unused(run_dir):
+        return FolderState(NEW)
+    stored = stored_config(run_dir)
+    if stored is not None:
+        differ = config_differences(stored, cfg)
+        if differ:
+            return FolderState(FOREIGN, tuple(differ))
+    train = (stored or {}).get("train")
+    train = train if isinstance(train, dict) else {}
+    same_budget = all(train.get(k) == getattr(cfg.train, k) for k in BUDGET_KEYS)
+    if same_budget and is_finished(run_dir, cfg):
+        return FolderState(FINISHED)
+    if RunPaths(run_dir).last.is_file():
+        return FolderState(RESUMABLE)
+    return FolderState(STARTED)
+
+
+HOLDS = {FINISHED: "a finished run of this config",
+         RESUMABLE: "an unfinished run of this config, resumable from checkpoints/last.pt",
+         STARTED: "a run of this config stopped before its first checkpoint"}
+
+
+def exists_message(run_dir: Path, state: FolderState | None) -> str:
+    """Why a new run cannot take ``run_dir``, what to do, and (``state``) what it holds."""
+    text = (f"run folder {run_dir} already exists; continue it with --resume {run_dir}, pick "
+            "another --name, or pass --force to move it aside")
+    if state is not None and state.kind == FOREIGN:
+        return text + f" (it holds a run of another config: {', '.join(state.differ[:5])})"
+    if state is not None and state.kind in HOLDS:
+        return text + f" (it holds {HOLDS[state.kind]})"
+    return text
+
+
+def check_run_dir(runs_root: Path, name: str, force: bool, cfg: Config | None = None) -> Path:
     """The path of a new run folder; an existing one is an error unless ``force`` or unused,
-    and one that a process trains in is always an error. Writes nothing."""
+    and one that a process trains in is always an error. With ``cfg`` the error says what the
+    folder holds (finished, resumable, another config). Writes nothing."""
     run_dir = runs_root / name
     if run_dir.exists():
         pid = holder(run_dir)
         if pid is not None:
             raise in_use_error(run_dir, pid)
         if not force and not is_unused(run_dir):
-            raise CapsctlError(f"run folder {run_dir} already exists; continue it with --resume "
-                               f"{run_dir}, pick another --name, or pass --force to move it "
-                               "aside")
+            state = None
+            if cfg is not None:
+                try:
+                    state = folder_state(run_dir, cfg)
+                except CapsctlError:   # an unreadable config.yaml: the plain answer
+                    state = None
+            raise CapsctlError(exists_message(run_dir, state))
     _writable_parent(run_dir)
     return run_dir
 
