@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import pickletools
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -29,25 +30,70 @@ REQUIRED = ("format_version", "model", "config")
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
-    """Atomically write ``state`` (plus the format version) to ``path``."""
+    """Atomically write ``state`` (plus the format version) to ``path``; a full disk or a
+    refused write is one TrainingError line naming the file and the free space."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         write_atomically(path, {"format_version": FORMAT_VERSION, **state})
     except OSError as e:
-        raise TrainingError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous "
-                            "checkpoint is intact - free space or fix permissions, then "
-                            "--resume") from None
+        raise TrainingError(f"cannot write checkpoint {path}: {e.strerror or e} "
+                            f"({free_space(path.parent)}); the previous checkpoint is intact - "
+                            "free space or fix permissions, then --resume") from None
+
+
+def free_space(folder: Path) -> str:
+    """How much space the file system of ``folder`` has left, in words ("1.2 MB free")."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 1e6:,.1f} MB free" if free < 10 ** 9 else f"{free / 1e9:,.1f} GB free"
+
+
+class _Recorded:
+    """A file whose write errors are kept: torch.save swallows the OSError (ENOSPC, EIO) that
+    a write raised and raises ``RuntimeError: [enforce fail ...] unexpected pos`` instead."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
+def _os_error(e: BaseException, recorded: _Recorded, path: Path) -> OSError | None:
+    """The OSError behind torch's RuntimeError ``e`` (as an OSError naming ``path``), if any."""
+    cause = recorded.error or next((c for c in (e.__cause__, e.__context__)
+                                    if isinstance(c, OSError)), None)
+    if cause is None:
+        return None
+    return OSError(cause.errno, cause.strerror or str(cause), str(path))
 
 
 def write_atomically(path: Path, obj: Any) -> None:
     """``torch.save(obj)`` to a temporary file beside ``path``, fsync, rename over ``path``:
-    a crash leaves the old file or the new one, never a torn one. An OSError leaves no
-    temporary file behind."""
+    a crash leaves the old file or the new one, never a torn one. Any failure leaves no
+    temporary file behind; a failed write (a full disk) is an OSError naming ``path``, also
+    when torch reports it as a RuntimeError."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            recorded = _Recorded(f)
+            try:
+                torch.save(obj, recorded)
+            except RuntimeError as e:
+                error = _os_error(e, recorded, path)
+                if error is None:
+                    raise
+                raise error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -68,13 +114,14 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     """Load and check a checkpoint; every failure is a one-line CheckpointError."""
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
+        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt",
+                          path / "model.pt"):  # a run folder, or a pretrained model's
             if candidate.is_file():
                 path = candidate
                 break
         else:
-            raise CheckpointError(f"{path} is a folder without checkpoints/best.pt; pass a .pt "
-                                  "file")
+            raise CheckpointError(f"{path} is a folder without checkpoints/best.pt (a run) or "
+                                  "model.pt (a pretrained model); pass a .pt file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     _check_records(path)
@@ -93,9 +140,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise CheckpointError(f"{path}: not a readable checkpoint (not a torch checkpoint "
                               "file, or corrupt)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).split("\n")[0][:200]
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: "
-                              f"{first})") from None
+                              f"{_reason(e)}); use an intact copy of it or another "
+                              "checkpoint") from None
     except Exception as e:  # any other unpickling failure is still a bad file, not a bug
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
@@ -109,7 +156,21 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
                               f"capsctl understands ({FORMAT_VERSION}); upgrade capsctl")
     if version == 1:  # capsctl 0.1: migrated in memory, the file is left as it is
         state = {**state, "format_version": 2, "config": config_v1_to_v2(state["config"])}
+    if "packed" in state:  # a pretrained model's reduced-precision weights, expanded to fp32
+        from capsctl.pretrained import unpack
+
+        state = unpack(state, path)
     return state
+
+
+def _reason(e: BaseException, limit: int = 160) -> str:
+    """The first sentence of an error, whole ("PytorchStreamReader failed reading zip archive:
+    failed finding central directory"), never cut mid-word; an OSError's own words."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    text = text.split("\n")[0].split(". ")[0].rstrip(".") or type(e).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text
 
 
 def _check_records(path: Path) -> None:

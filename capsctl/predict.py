@@ -36,6 +36,7 @@ import torch
 from capsctl.paths import nearest_existing
 from capsctl.data import image_sets_config as isc
 from capsctl.data.augment import centre_crop, unit_float
+from capsctl.data.files import open_file
 from capsctl.data.folder import IMAGE_EXTS, decode_image
 from capsctl.data.registry import DATASETS, STANDARDISED
 from capsctl.data.smallnorb import DOWNSAMPLED, standardise
@@ -118,7 +119,7 @@ def list_inputs(args: list[str | Path]) -> list[Input]:
                 inputs.append(Input(arg, Path(arg.name), "a folder without images ("
                                     + " ".join(sorted(INPUT_EXTS)) + ")"))
             new = [Input(f, f.relative_to(arg)) for f in files if f not in seen]
-        elif arg.is_file():
+        elif arg.exists():  # a file, or a FIFO or device: the reader refuses those
             new = [Input(arg, Path(arg.name))] if arg not in seen else []
         else:
             new = [Input(arg, Path(arg.name), "no such file or folder")]
@@ -127,24 +128,25 @@ def list_inputs(args: list[str | Path]) -> list[Input]:
     return inputs
 
 
-def _npy_header(path: Path):
-    """(shape, fortran order, dtype) of a .npy file, checked before its data is read."""
+def _npy_header(f):
+    """(shape, fortran order, dtype) of the .npy file open as ``f``, checked before its data is
+    read; ``f`` is left at the start."""
     fmt = np.lib.format
-    with open(path, "rb") as f:
-        version = fmt.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = fmt.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = fmt.read_array_header_2_0(f)
-        else:
-            raise ValueError(f".npy format version {version} is not read")
-        data_at = f.tell()
+    version = fmt.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = fmt.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = fmt.read_array_header_2_0(f)
+    else:
+        raise ValueError(f".npy format version {version} is not read")
+    data_at = f.tell()
+    f.seek(0)
     if dtype.hasobject or dtype.fields is not None:
         raise ValueError(f"holds {dtype} (Python objects or records), not pixels")
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes > MAX_ARRAY_BYTES:
         raise ValueError(f"holds {nbytes:,} bytes (at most {MAX_ARRAY_BYTES:,})")
-    if path.stat().st_size < data_at + nbytes:
+    if os.fstat(f.fileno()).st_size < data_at + nbytes:
         raise ValueError(f"is truncated (the header declares {shape} {dtype})")
     return shape, fortran, dtype
 
@@ -197,9 +199,10 @@ def read_input(path: Path, view: Preprocessing) -> np.ndarray:
     the file when it cannot be read."""
     try:
         if path.suffix.lower() == ARRAY_EXT:
-            _npy_header(path)
-            return _decode_pixels(_pixels(np.load(path, allow_pickle=False)), view.side,
-                                  view.channels)
+            with open_file(path) as f:   # a regular file only (a FIFO is refused at once)
+                _npy_header(f)
+                array = np.load(f, allow_pickle=False)
+            return _decode_pixels(_pixels(array), view.side, view.channels)
         if view.channels not in (1, 3):
             raise DataError(f"{path}: this model takes {view.channels}-channel input "
                             f"(smallNORB's two cameras): give a .npy array ({view.channels}, "
@@ -283,6 +286,16 @@ def recon_paths(inputs: list[Input], folder: Path) -> list[Path]:
     return paths
 
 
+def check_not_there(paths: list[Path], recon_dir) -> None:
+    """A one-line CapsctlError when a reconstruction picture would replace a file (checked
+    before the model runs: nothing is written)."""
+    there = [p for p in paths if os.path.lexists(p)]
+    if there:
+        more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
+        raise CapsctlError(f"--recon {recon_dir}: {there[0]} exists{more}; pass --force to "
+                           "overwrite, or choose another folder")
+
+
 def shown(x_CHW: torch.Tensor, view: Preprocessing) -> torch.Tensor:
     """An input as a picture in [0, 1]: as it is for pixel / 255 inputs, stretched from its
     minimum to its maximum for standardised ones."""
@@ -343,11 +356,12 @@ def _first_error(inputs: list[Input]) -> None:
 
 def predict(checkpoint, files: list, device_name: str | None = None,
             batch_size: int | None = None, top_k: int = 3, recon_dir: str | Path | None = None,
-            keep_going: bool = False, data_root: str | None = None) -> dict:
+            keep_going: bool = False, data_root: str | None = None, force: bool = False) -> dict:
     """Predict the class of every file of ``files`` (files and folders) with the model of
     ``checkpoint``. Returns {"checkpoint", "dataset", "classes", "score_name", "rows"} (rows:
     see ``rows_of``; with ``recon_dir`` each row has "recon", its picture). An unreadable file
-    is a one-line DataError, or with ``keep_going`` an error row."""
+    is a one-line DataError, or with ``keep_going`` an error row. A reconstruction picture
+    that exists already is a one-line error before the model runs, unless ``force``."""
     from capsctl.checkpoint import load_model
     from capsctl.classes import class_names_of
     from capsctl.device import resolve
@@ -367,14 +381,17 @@ def predict(checkpoint, files: list, device_name: str | None = None,
     images = read_inputs(inputs, view)
     if not keep_going:
         _first_error(inputs)
+    good = [i for i in inputs if i.error is None]
+    targets = recon_paths(good, Path(recon_dir)) if recon_dir is not None else []
+    if not force:
+        check_not_there(targets, recon_dir)
     out = run_model(model, images, view, device, batch_size or cfg.train.eval_batch_size,
                     cfg.train.precision, recon_dir is not None) if len(images) else \
         {"scores": torch.zeros(0, len(names))}
     rows = rows_of(inputs, out["scores"], names, top_k)
     if recon_dir is not None and len(images):
-        good = [i for i in inputs if i.error is None]
         ok_rows = [r for r in rows if "error" not in r]
-        for b, (row, path) in enumerate(zip(ok_rows, recon_paths(good, Path(recon_dir)))):
+        for b, (row, path) in enumerate(zip(ok_rows, targets)):
             row["recon"] = str(save_recon(out["input"][b], out["recon"][b], view, path))
     return {"checkpoint": str(checkpoint), "dataset": cfg.data.name, "classes": names,
             "score_name": SCORE_NAMES.get(model.capsule_key, "score"), "rows": rows}

@@ -54,6 +54,9 @@ def predict(
         "--recon", help="Save each image as the model saw it beside its reconstruction (from "
                         "the predicted class's capsule) into this folder, as "
                         "NAME.recon.png. Default: none.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="With --recon: overwrite NAME.recon.png files that exist. Default: "
+                        "refuse (one line, exit 2) and write nothing.")] = False,
     keep_going: Annotated[bool, typer.Option(
         "--keep-going", help="Predict every readable file; an unreadable one is a row marked "
                              "as an error. Default: stop at the first (one line, exit "
@@ -81,7 +84,7 @@ def predict(
     from capsctl.predict import predict as run_predict
 
     result = run_predict(checkpoint, files, device, batch_size or None, top_k, recon,
-                         keep_going, data_root_text(data_root))
+                         keep_going, data_root_text(data_root), force=force)
     if as_json:
         for row in result["rows"]:
             json_line(row)

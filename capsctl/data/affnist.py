@@ -28,23 +28,21 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import struct
 import urllib.request
-import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from capsctl.data.augment import generator
-from capsctl.data.idx import GZIP_RATIO
+from capsctl.data import matfile
+from capsctl.data.matfile import MAT_MAX_DEPTH, check_mat_structure  # noqa: F401 (re-exported)
 from capsctl.errors import DataError
 
 SIDE = 40
@@ -63,221 +61,22 @@ class MissingDataError(DataError):
 # --- reading and writing the .mat layout ----------------------------------------------------------
 
 MAX_UNPACKED = 8 << 30  # a downloaded batches zip (the official test_batches: about 0.6 GB)
-MAT_MAX_DEPTH = 4     # affNISTdata (struct) > its fields (numeric); a little room beyond
-_MI_MATRIX, _MI_COMPRESSED = 14, 15
-_CONTAINERS = {1: "cell", 2: "struct", 3: "object"}
-_REFUSED = {16: "function handle", 17: "MATLAB class object"}
-_INT8, _INT32, _UINT32 = frozenset({1}), frozenset({5}), frozenset({6})
-_DATA = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 16, 17, 18})  # numbers and UTF-8/16/32 text
-
-
-class _Malformed(Exception):
-    """The .mat element structure is one that scipy must not be given."""
-
-
-class _FileRegion:
-    """Sequential reads of an uncompressed file (``take`` exact bytes, ``skip`` by seeking)."""
-
-    def __init__(self, f: BinaryIO, size: int):
-        self.f, self.size, self.pos = f, size, f.tell()
-
-    def take(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) < n:
-            raise _Malformed("the file ends inside an element")
-        self.pos += n
-        return data
-
-    def skip(self, n: int) -> None:
-        if self.pos + n > self.size:
-            raise _Malformed("the file ends inside an element")
-        self.f.seek(n, 1)
-        self.pos += n
-
-
-class _Inflated:
-    """Sequential reads of a zlib stream of ``nbytes`` compressed bytes, inflated on demand (so
-    memory stays at one chunk whatever the stream inflates to)."""
-
-    def __init__(self, f: BinaryIO, nbytes: int):
-        self.f, self.left, self.pos = f, nbytes, 0
-        self.z, self.buf = zlib.decompressobj(), bytearray()
-
-    def _fill(self, n: int) -> None:
-        while len(self.buf) < n:
-            data = self.z.unconsumed_tail
-            if not data:
-                data = self.f.read(min(1 << 16, self.left))
-                self.left -= len(data)
-            if not data or self.z.eof:
-                raise _Malformed("the compressed data ends inside an element")
-            self.buf += self.z.decompress(data, max(n - len(self.buf), 1 << 16))
-
-    def take(self, n: int) -> bytes:
-        self._fill(n)
-        data = bytes(self.buf[:n])
-        del self.buf[:n]
-        self.pos += n
-        return data
-
-    def skip(self, n: int) -> None:
-        while n > 0:
-            n -= len(self.take(min(n, 1 << 20)))
-
-    def at_end(self) -> bool:
-        """Whether the stream inflates to nothing more (reads at most one more byte)."""
-        try:
-            self._fill(1)
-        except _Malformed:
-            return True
-        return False
-
-
-def _element(src, order: str, end: int, types: frozenset, cap: int | None = None) -> bytes:
-    """The next sub-element of a matrix ending at ``end``: its type must be one of ``types``
-    (scipy indexes tables with it unchecked) and it must fit; its data is returned when ``cap``
-    is given (at most ``cap`` bytes), skipped otherwise."""
-    if end - src.pos < 8:
-        raise _Malformed("a matrix ends before its last element")
-    raw = src.take(8)
-    mtype, n = struct.unpack(order + "II", raw)
-    small = mtype >> 16  # small element: up to 4 bytes of data in the tag's second half
-    if small:
-        mtype, n = mtype & 0xFFFF, small
-    if mtype not in types or (small and n > 4):
-        raise _Malformed(f"an element of type {mtype} where {sorted(types)} belong")
-    if small:
-        return raw[4:4 + n]
-    padded = n + (-n) % 8
-    if padded > end - src.pos or (cap is not None and n > cap):
-        raise _Malformed(f"a {n}-byte element where {end - src.pos} bytes are left")
-    if cap is None:
-        src.skip(padded)
-        return b""
-    data = src.take(n)
-    src.skip(padded - n)
-    return data
-
-
-def _int(data: bytes, order: str, fmt: str) -> int:
-    """The first 4-byte integer of ``data`` (zero-padded when shorter)."""
-    return struct.unpack(order + fmt, data[:4].ljust(4, b"\0"))[0]
-
-
-def _walk_matrix(src, order: str, nbytes: int, depth: int) -> None:
-    """Checks one miMATRIX element of ``nbytes`` (after its tag) and what it contains, so that
-    scipy can read it safely: every sub-element of the type its place needs and inside the
-    matrix (scipy reads a missing imaginary part from the next variable and crashes), no nesting
-    beyond MAT_MAX_DEPTH (scipy recurses in C and crashes on deep nesting), no more cells or
-    struct elements than the bytes can hold (scipy allocates them up front), no function handles
-    or class objects."""
-    end = src.pos + nbytes
-    if nbytes == 0:
-        return
-    flags = _element(src, order, end, _UINT32, 8)
-    if len(flags) != 8:
-        raise _Malformed(f"array flags of {len(flags)} bytes")
-    word = _int(flags, order, "I")
-    cls, is_complex = word & 0xFF, bool(word & 0x800)
-    if cls in _REFUSED or not 1 <= cls <= 15:
-        raise _Malformed(f"it holds a {_REFUSED.get(cls, f'class {cls} array')}")
-    raw = _element(src, order, end, _INT32, 256)
-    if len(raw) < 8 or len(raw) % 4:  # scipy crashes on a char array without dimensions
-        raise _Malformed(f"array dimensions of {len(raw)} bytes")
-    dims = struct.unpack(f"{order}{len(raw) // 4}i", raw)
-    if any(d < 0 for d in dims):
-        raise _Malformed(f"negative array dimensions {dims}")
-    _element(src, order, end, _INT8, 1 << 16)  # the name
-    if cls not in _CONTAINERS:  # numeric, char, sparse: their data elements
-        parts = (3 if cls == 5 else 1) + is_complex
-        for _ in range(parts):
-            _element(src, order, end, _DATA)
-    else:
-        if depth >= MAT_MAX_DEPTH:
-            raise _Malformed(f"cells or structs nested more than {MAT_MAX_DEPTH} deep")
-        nfields = 1
-        if cls == 3:
-            _element(src, order, end, _INT8, 1 << 16)  # the class name
-        if cls in (2, 3):
-            raw = _element(src, order, end, _INT32, 4)
-            if len(raw) != 4:
-                raise _Malformed(f"a field name length of {len(raw)} bytes")
-            width = _int(raw, order, "i")
-            names = _element(src, order, end, _INT8, 1 << 20)
-            nfields = len(names) // width if width > 0 else 0
-        count = math.prod(dims)
-        if count > 1 and count * max(nfields, 1) * 8 > end - src.pos:
-            raise _Malformed(f"a {_CONTAINERS[cls]} of {count} elements in {nbytes} bytes")
-        for _ in range(count * nfields):
-            if end - src.pos < 8:
-                raise _Malformed(f"a {_CONTAINERS[cls]} ends before its elements")
-            mtype, n = struct.unpack(order + "II", src.take(8))
-            if mtype != _MI_MATRIX or n > end - src.pos:
-                raise _Malformed(f"a malformed {_CONTAINERS[cls]} element")
-            _walk_matrix(src, order, n, depth + 1)
-    src.skip(end - src.pos)  # what is left
-
-
-def check_mat_structure(path: Path) -> None:
-    """A one-line DataError when a MATLAB v5 file's element structure would make scipy crash or
-    allocate far more memory than the file holds (see ``_walk_matrix``); compressed variables
-    are inflated in chunks for this, never into memory. Other formats (v4, v7.3, not MATLAB at
-    all) are left to scipy, whose errors are bounded."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(128)
-            if len(head) < 128 or 0 in head[:4] or head[125 if head[126:127] == b"I" else 124] != 1:
-                return  # not version 5: v4 and v7.3 are read without recursion
-            order = "<" if head[126:128] == b"IM" else ">"
-            while f.tell() + 8 <= size:
-                mtype, n = struct.unpack(order + "II", f.read(8))
-                if n > size - f.tell():
-                    raise _Malformed(f"a variable of {n} bytes in a {size}-byte file")
-                start = f.tell()
-                if mtype == _MI_COMPRESSED:
-                    src = _Inflated(f, n)
-                    inner_type, inner = struct.unpack(order + "II", src.take(8))
-                    if inner > GZIP_RATIO * n + 4096:
-                        raise _Malformed(f"{n} compressed bytes declaring {inner}")
-                    if inner_type == _MI_MATRIX:
-                        _walk_matrix(src, order, inner, 1)
-                        if not src.at_end():  # scipy would inflate all of it, then refuse
-                            raise _Malformed("the compressed data goes on after its variable")
-                elif mtype == _MI_MATRIX:
-                    _walk_matrix(_FileRegion(f, size), order, n, 1)
-                f.seek(start + n)
-    except (_Malformed, zlib.error, struct.error) as e:
-        raise DataError(f"{path}: not a readable MATLAB .mat file ({e}); re-download or "
-                        "regenerate it") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def load_struct(path: Path) -> dict[str, np.ndarray]:
-    """Every field of the ``affNISTdata`` struct of ``path``; a one-line DataError otherwise."""
-    import scipy.io
-
-    check_mat_structure(path)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            mat = scipy.io.loadmat(str(path), variable_names=(STRUCT,))
-    except Exception as e:  # scipy raises ValueError, TypeError, MatReadError, zlib errors ...
-        first = str(e).split("\n")[0][:160]
-        raise DataError(f"{path}: not a readable MATLAB .mat file ({type(e).__name__}: {first}); "
-                        "re-download or regenerate it") from None
+    """Every field of the ``affNISTdata`` struct of ``path``; a one-line DataError otherwise.
+    Read through ``matfile.load`` (the structure checked before scipy sees the file)."""
+    mat, caught = matfile.load(path, (STRUCT,), "re-download or regenerate it")
     if STRUCT not in mat:
         try:
-            names = [v[0] for v in scipy.io.whosmat(str(path))]
-        except Exception:
+            names = [v[0] for v in matfile.variables(path, "")]
+        except DataError:
             names = []
         raise DataError(f"{path}: no '{STRUCT}' struct in this .mat file (variables: "
                         f"{', '.join(names) or 'none'}); expected an affNIST-format file")
     s = mat[STRUCT]
     if not isinstance(s, np.ndarray) or s.dtype.names is None or s.size != 1:
-        why = f"is unreadable ({str(caught[0].message).splitlines()[0][:160]})" if caught \
-            else "is not a struct"
+        why = f"is unreadable ({caught[0]})" if caught else "is not a struct"
         raise DataError(f"{path}: '{STRUCT}' {why}; expected an affNIST-format file")
     return {name: np.asarray(s[name].flat[0]) for name in s.dtype.names}
 
@@ -352,11 +151,9 @@ def write_mat(path: Path, images: np.ndarray, labels: np.ndarray,
 
 
 def is_synthetic(path: Path) -> bool:
-    import scipy.io
-
     try:
-        return any(v[0] == SYNTH_MARKER for v in scipy.io.whosmat(str(path)))
-    except Exception:
+        return any(v[0] == SYNTH_MARKER for v in matfile.variables(path, ""))
+    except DataError:
         return False  # unreadable: load_struct reports it properly later
 
 

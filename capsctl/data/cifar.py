@@ -17,6 +17,7 @@ a DataError naming the file. Files over ``MAX_FILE`` bytes are refused before be
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from pathlib import Path
 
@@ -53,16 +54,57 @@ def _plain_dtype(*args) -> np.dtype:
     return d
 
 
+def _count(shape, path_what: str) -> int:
+    """The element count of a pickled ``shape`` (an int or a tuple of ints >= 0)."""
+    dims = (shape,) if isinstance(shape, int) else shape
+    if not isinstance(dims, tuple) or len(dims) > 32 or \
+            not all(type(d) is int and d >= 0 for d in dims):
+        raise pickle.UnpicklingError(f"refusing {path_what} of shape {str(shape)[:80]}")
+    return math.prod(dims)
+
+
+def _exact_buffer(buf, n: int, dtype: np.dtype, what: str) -> None:
+    """``buf`` must be bytes holding exactly ``n`` elements of ``dtype``: an array never views
+    a buffer smaller than it claims (a 1-byte buffer with zero strides claiming 2,000,000 images
+    would cost gigabytes as soon as it is copied)."""
+    if not isinstance(buf, (bytes, bytearray)):
+        raise pickle.UnpicklingError(f"refusing {what} without a bytes buffer")
+    if len(buf) != n * dtype.itemsize:
+        raise pickle.UnpicklingError(f"refusing {what} of {n} x {dtype.itemsize} bytes over a "
+                                     f"{len(buf)}-byte buffer")
+
+
+def _ndarray(shape, dtype=float, buffer=None, offset=0, strides=None, order=None):
+    """``numpy.ndarray(...)`` called by a pickle: only a C-contiguous array over a buffer of
+    exactly its size (offset 0, the default or C strides), checked before anything exists.
+    (Also the ``subtype`` that ``_reconstruct`` expects.)"""
+    d = _plain_dtype(dtype)
+    n = _count(shape, "numpy.ndarray")
+    dims = (shape,) if isinstance(shape, int) else shape
+    c_strides = tuple(d.itemsize * math.prod(dims[i + 1:]) for i in range(len(dims)))
+    if offset != 0 or order not in (None, "C") or \
+            (strides is not None and tuple(strides) != c_strides):
+        raise pickle.UnpicklingError("refusing numpy.ndarray with an offset, strides or an "
+                                     "order other than C-contiguous")
+    _exact_buffer(buffer, n, d, "numpy.ndarray")
+    return np.frombuffer(buffer, dtype=d).reshape(dims)
+
+
 def _reconstruct(subtype, shape, dtype):
     """numpy's ``_reconstruct`` for a plain ndarray of no more than one element (pickles make
-    an empty array here and fill it from the file's bytes in ``__setstate__``)."""
-    if subtype is not np.ndarray or int(np.prod(shape)) > 1:
+    an empty array here and fill it from the file's bytes in ``__setstate__``, which numpy
+    refuses unless the bytes are exactly the declared size)."""
+    if subtype is not _ndarray or _count(shape, "an array reconstruction") > 1:
         raise pickle.UnpicklingError("refusing an array reconstruction other than numpy's own")
     return _numpy_parts()[0]._reconstruct(np.ndarray, shape, _plain_dtype(dtype))
 
 
 def _frombuffer(buf, dtype, shape, order):
-    return _numpy_parts()[1]._frombuffer(buf, _plain_dtype(dtype), shape, order)
+    d = _plain_dtype(dtype)
+    if order != "C":
+        raise pickle.UnpicklingError(f"refusing an array of order {str(order)[:8]!r} (C only)")
+    _exact_buffer(buf, _count(shape, "numpy._frombuffer"), d, "numpy._frombuffer")
+    return _numpy_parts()[1]._frombuffer(buf, d, shape, order)
 
 
 def _encode(text, encoding="latin1"):
@@ -76,7 +118,7 @@ ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy.core.numeric", "_frombuffer"): _frombuffer,
     ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _ndarray,
     ("numpy", "dtype"): _plain_dtype,
     ("_codecs", "encode"): _encode,   # bytes as pickled by Python 3 with protocol 2
 }
@@ -109,7 +151,34 @@ def read_batch(path: Path) -> dict:
                         f"{first}); fetch it again") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: holds a {type(obj).__name__}, not a CIFAR batch dict")
+    for value in obj.values():
+        if isinstance(value, np.ndarray) and not (value.flags.c_contiguous
+                                                  and all(st > 0 for st in value.strides)):
+            raise DataError(f"{path}: holds an array that is not C-contiguous (strides "
+                            f"{value.strides}); not a CIFAR batch, fetch it again")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _labels(path: Path, value, key: str, n_classes: int) -> np.ndarray:
+    """The labels of a batch as int64 (N,) in 0 .. n_classes - 1: integers, or floats that are
+    whole numbers (1.7 is refused, never truncated)."""
+    try:
+        labels = np.asarray(value).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        labels = None
+    if labels is None or labels.dtype.kind not in "iuf":
+        raise DataError(f"{path}: '{key}' is not a list of integers")
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            raise DataError(f"{path}: label {labels[bad][0]:g} in '{key}' is not a whole "
+                            "number; labels are integers")
+    out = (labels < 0) | (labels >= n_classes)
+    if out.any():
+        bad = labels[out][0]
+        shown = f"{bad:g}" if labels.dtype.kind == "f" else str(int(bad))
+        raise DataError(f"{path}: label {shown} out of range 0-{n_classes - 1}")
+    return labels.astype(np.int64)
 
 
 def batch_arrays(path: Path, label_key: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,15 +194,9 @@ def batch_arrays(path: Path, label_key: str, n_classes: int) -> tuple[np.ndarray
         what = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else \
             type(data).__name__
         raise DataError(f"{path}: 'data' is {what}; expected a uint8 array N x {PIXELS}")
-    try:
-        labels = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError, OverflowError):
-        raise DataError(f"{path}: '{label_key}' is not a list of integers") from None
+    labels = _labels(path, d[label_key], label_key, n_classes)
     if len(labels) != len(data):
         raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
-    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-        bad = int(labels.max()) if labels.max() >= n_classes else int(labels.min())
-        raise DataError(f"{path}: label {bad} out of range 0-{n_classes - 1}")
     return data.reshape(-1, 3, 32, 32), labels
 
 

@@ -23,6 +23,7 @@ at random (a fixed seed, so every run holds out the same ones).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -33,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from capsctl.paths import cache_root
+from capsctl.data.files import open_file
 from capsctl.errors import DataError
+from capsctl.paths import cache_root
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
@@ -161,11 +163,22 @@ def _to_8bit(img):
     return Image.fromarray((np.clip(a.astype(np.int64), 0, 65535) // 257).astype(np.uint8))
 
 
-def decode_image(path: str, size: int, channels: int) -> np.ndarray:
-    """uint8 (channels, size, size): the image's centre square, resized, in grey or RGB."""
+def decode_image(path, size: int, channels: int) -> np.ndarray:
+    """uint8 (channels, size, size): the image's centre square, resized, in grey or RGB.
+    ``path``: a file name (only a regular file is opened: a FIFO is refused, never waited on)
+    or an open binary file."""
+    from PIL import Image
+
+    with contextlib.ExitStack() as stack:   # a path: opened as every data file is (files.py)
+        f = path if hasattr(path, "read") else stack.enter_context(open_file(path))
+        return _decode_open(Image.open(f), size, channels)
+
+
+def _decode_open(img, size: int, channels: int) -> np.ndarray:
+    """``decode_image`` of an image PIL has opened (closed here)."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as img:
+    with img:
         mode = "L" if channels == 1 else "RGB"
         if img.format == "JPEG":
             img.draft(mode, (size, size))   # JPEG decodes at a reduced scale when it can
@@ -190,6 +203,8 @@ def decode_chunk(paths: list[str], size: int, channels: int) -> tuple[np.ndarray
         for i, p in enumerate(paths):
             try:
                 out[i] = decode_image(p, size, channels)
+            except DataError as e:  # not a regular file (a FIFO, a device), unopenable
+                bad.append((i, str(e).removeprefix(f"{p}: ")))
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, bombs ...
                 first = str(e).splitlines()[0][:160] if str(e) else ""
                 bad.append((i, f"{type(e).__name__}: {first}"))

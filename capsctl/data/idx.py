@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
-import stat
 import struct
 import zlib
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from capsctl.data.files import open_file
 from capsctl.errors import DataError
 
 IMAGES_MAGIC = 2051
@@ -35,29 +35,14 @@ CHUNK = 4 << 20          # bytes inflated or read per call
 READ_ERRORS = (OSError, EOFError, zlib.error, struct.error, ValueError)  # BadGzipFile is OSError
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 @contextlib.contextmanager
 def open_data(path: Path) -> Iterator[tuple[BinaryIO, int, bool]]:
     """Yields (stream, size of the file on disk, gzipped?) for a regular file; the stream inflates
     a gzipped file (recognised by its first two bytes, whatever its name). FIFOs and devices are
-    refused without blocking. OS and gzip errors inside the block become one DataError."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e}); delete it and fetch it "
-                        "again") from None
-    with os.fdopen(fd, "rb") as f:
+    refused without blocking (``files.open_file``). OS and gzip errors inside the block become
+    one DataError."""
+    with open_file(path, "; delete it and fetch it again") as f:
         st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise DataError(f"{path}: {_kind(st.st_mode)}, not a data file; pass a regular file")
         try:
             gz = f.read(2) == b"\x1f\x8b"
             f.seek(0)

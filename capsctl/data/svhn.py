@@ -7,9 +7,11 @@ where 10 is the digit 0 (0 here). Looked for in ROOT, ``ROOT/svhn/`` and ``ROOT/
 being the data root (``--data-root`` > ``data.root`` > ``$CAPSCTL_DATA`` > ``~/.cache/capsctl``);
 torchvision's downloader (``data.download: true``) writes them into ROOT.
 
-A file's variables are listed from their headers first and their declared sizes checked against
-the file (at most ``idx.MAX_BYTES`` of data, no more than the file can hold compressed) before
-anything is read; any reading error is one DataError naming the file.
+A file's element structure is checked before scipy sees it (``matfile``: a hostile ``.mat`` would
+crash scipy), its variables are listed from their headers and their declared sizes checked
+against the file (at most ``idx.MAX_BYTES`` of data, no more than the file can hold compressed)
+before anything is read; labels must be real numbers (not a cell, text, a struct or complex
+numbers), integers 1-10. Any reading error is one DataError naming the file.
 """
 
 from __future__ import annotations
@@ -19,11 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from capsctl.data import matfile
 from capsctl.data.idx import GZIP_RATIO, MAX_BYTES
 from capsctl.data.mnist import resolve_root
 from capsctl.data.natural import hold_out_tail, image_bundle
 from capsctl.errors import DataError
 
+HINT = "fetch it again"
+NUMERIC = frozenset({"double", "single", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+                     "int64", "uint64"})
+LABEL_KINDS = {"c": "complex numbers", "O": "a cell (or objects)", "U": "text", "S": "text",
+               "V": "a struct", "b": "logical values"}
 FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat", "extra": "extra_32x32.mat"}
 SUBFOLDERS = ("svhn", "SVHN")
 
@@ -33,16 +41,9 @@ def _short(e: Exception) -> str:
 
 
 def _declared(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{variable: (shape, MATLAB class)} from the headers of ``path``."""
-    import scipy.io
-
-    if not path.is_file():
-        raise DataError(f"{path}: not a regular file; pass the SVHN .mat file")
-    try:
-        return {name: (tuple(shape), cls) for name, shape, cls in scipy.io.whosmat(str(path))}
-    except Exception as e:  # scipy raises ValueError, TypeError, MatReadError, zlib errors ...
-        raise DataError(f"{path}: not a readable MATLAB .mat file ({_short(e)}); fetch it "
-                        "again") from None
+    """{variable: (shape, MATLAB class)} from the headers of ``path`` (its structure checked
+    first: ``matfile``)."""
+    return {name: (shape, cls) for name, shape, cls in matfile.variables(path, HINT)}
 
 
 def _check_declared(path: Path, found: dict) -> int:
@@ -51,10 +52,13 @@ def _check_declared(path: Path, found: dict) -> int:
     if "X" not in found or "y" not in found:
         raise DataError(f"{path}: variables {', '.join(found) or 'none'}; expected X and y "
                         "(an SVHN cropped-digits file)")
-    (x_shape, x_cls), (y_shape, _) = found["X"], found["y"]
+    (x_shape, x_cls), (y_shape, y_cls) = found["X"], found["y"]
     if len(x_shape) != 4 or x_shape[:3] != (32, 32, 3) or x_cls != "uint8":
         raise DataError(f"{path}: X is {x_cls} {'x'.join(map(str, x_shape))}; expected uint8 "
                         "32x32x3xN")
+    if y_cls not in NUMERIC:
+        raise DataError(f"{path}: y is a MATLAB {y_cls} {'x'.join(map(str, y_shape))}; expected "
+                        "numeric labels 1-10 (10 = digit 0), N x 1")
     n = x_shape[3]
     if int(np.prod(y_shape)) != n:
         raise DataError(f"{path}: {n} images but y holds {int(np.prod(y_shape))} labels")
@@ -68,15 +72,14 @@ def _check_declared(path: Path, found: dict) -> int:
 
 def read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 in 0-9 of one SVHN .mat file."""
-    import scipy.io
-
     n = _check_declared(path, _declared(path))
-    try:
-        mat = scipy.io.loadmat(str(path), variable_names=("X", "y"))
-    except Exception as e:
-        raise DataError(f"{path}: not a readable MATLAB .mat file ({_short(e)}); fetch it "
-                        "again") from None
-    x, y = mat["X"], np.asarray(mat["y"]).reshape(-1)
+    mat, _ = matfile.load(path, ("X", "y"), HINT)
+    x, y = mat["X"], np.asarray(mat["y"])
+    if y.dtype.kind not in "uif":
+        what = LABEL_KINDS.get(y.dtype.kind, f"{y.dtype} values")
+        raise DataError(f"{path}: y holds {what}, not label numbers; expected integers 1-10 "
+                        "(10 = digit 0)")
+    y = y.reshape(-1)
     if x.shape != (32, 32, 3, n) or x.dtype != np.uint8 or y.size != n:
         raise DataError(f"{path}: X {x.dtype} {x.shape} and {y.size} labels do not match the "
                         "headers; the file is corrupt, fetch it again")

@@ -397,7 +397,7 @@ def _test_best(r: _Run, started: float) -> dict:
                  confusion=True)
     r.writers.log({"test/accuracy": m["accuracy"], "test/error": m["error"]}, s.step)
     if r.main:
-        log_confusion(r.writers, m, s.class_names or numbered(r.cfg.model.num_classes), s.step)
+        _confusion(r, m, s.class_names or numbered(r.cfg.model.num_classes))
     final = _final_eval(r)
     r.writers.close()
     return {"run_dir": str(r.paths.root), "steps": s.step, "epochs": s.epoch,
@@ -405,6 +405,22 @@ def _test_best(r: _Run, started: float) -> dict:
             "best_step": s.best_step, "test_accuracy": m["accuracy"], "test_error": m["error"],
             "test_n": m["n"], "seconds": time.perf_counter() - started,
             "best_checkpoint": str(r.paths.best), "final_eval": final}
+
+
+def _confusion(r: _Run, m: dict, names: list[str]) -> None:
+    """The test's confusion picture and per-class accuracies (``log_confusion``). A picture
+    that cannot be drawn (a folder of 1,000 classes: 16,000 px square) is skipped with one
+    warning, never the end of the run; the per-class accuracies are logged all the same."""
+    try:
+        log_confusion(r.writers, m, names, r.state.step)
+    except CapsctlError as e:
+        why = str(e).split("): ")[0] + (")" if "): " in str(e) else "")
+        r.console.print(f"[yellow]warning:[/] the test confusion picture of {len(names):,} "
+                        f"classes is not drawn ({escape(why)}); the per-class accuracies are in "
+                        "metrics.jsonl", highlight=False, soft_wrap=True)
+        r.writers.log({f"test/class_accuracy/{name}": acc
+                       for name, acc in zip(names, m["per_class_accuracy"])
+                       if acc is not None}, r.state.step)
 
 
 def _final_eval(r: _Run) -> dict:
