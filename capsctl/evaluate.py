@@ -161,9 +161,21 @@ class Ensemble(torch.nn.Module):
         return {"scores": scores_MBJ.mean(0)}
 
 
+# What ``scores`` means for each family (models/contract.py): an ensemble averages one kind.
+SCORE_KINDS = {"capsnet": "capsule lengths", "efficient-capsnet": "capsule lengths",
+               "em-capsnet": "capsule activations", "cnn": "logits",
+               "multimnist-cnn": "sigmoid probabilities"}
+
+
+def score_kind(model_name: str) -> str:
+    """What the scores of family ``model_name`` are (a family not listed: its own kind)."""
+    return SCORE_KINDS.get(model_name, f"{model_name} scores")
+
+
 def check_ensemble(paths, cfgs, names: list[list[str]]) -> None:
     """Raise a one-line CapsctlError unless every member was trained on the same dataset, with
-    the same classes, and takes the same input."""
+    the same classes, takes the same input and produces the same kind of score (averaging
+    capsule lengths in [0, 1] with a CNN's raw logits would let the CNN decide alone)."""
     first = cfgs[0]
     for path, cfg, cls in zip(paths[1:], cfgs[1:], names[1:]):
         what = None
@@ -171,6 +183,12 @@ def check_ensemble(paths, cfgs, names: list[list[str]]) -> None:
             what = f"dataset {cfg.data.name} (the first: {first.data.name})"
         elif cls != names[0]:
             what = "other classes than the first"
+        elif score_kind(cfg.model.name) != score_kind(first.model.name):
+            raise CapsctlError(
+                f"--ensemble: {path} is a {cfg.model.name} whose scores are "
+                f"{score_kind(cfg.model.name)}, the first ({paths[0]}) a {first.model.name} "
+                f"whose scores are {score_kind(first.model.name)}; an ensemble averages one "
+                "kind of score: ensemble the two kinds separately")
         elif (cfg.model.input_size, cfg.model.in_channels) != (first.model.input_size,
                                                                 first.model.in_channels):
             what = (f"{cfg.model.in_channels}x{cfg.model.input_size}x{cfg.model.input_size} "

@@ -211,3 +211,36 @@ def test_a_sweep_rerun_with_other_settings_names_the_keys(tmp_path, fake_mnist):
     assert "optim:\n  lr: 0.05" in (point / "config.yaml").read_text()
     aside = [p for p in point.parent.iterdir() if p.name.startswith("routing=dynamic.replaced-")]
     assert len(aside) == 1 and (aside[0] / "metrics.jsonl").read_bytes() == first
+
+
+# --- item 9: an ensemble averages one kind of score -------------------------------------------
+
+def _save_model(path: Path, seed: int, **model) -> Path:
+    import torch
+
+    from capsctl import checkpoint
+    from capsctl.config import to_dict
+    from capsctl.models import build_model
+
+    cfg = tiny_config(model=model)
+    torch.manual_seed(seed)
+    checkpoint.save(path, {"model": build_model(cfg.model).state_dict(), "config": to_dict(cfg),
+                           "step": seed})
+    return path
+
+
+CNN = {"name": "cnn", "channels": [4], "hidden": [8]}
+
+
+def test_an_ensemble_of_capsule_lengths_and_logits_is_refused(tmp_path, fake_mnist):
+    caps = _save_model(tmp_path / "caps.pt", 1)
+    cnn = _save_model(tmp_path / "cnn.pt", 2, **CNN)
+    one_line_error(cli("eval", caps, cnn, "--data-root", fake_mnist, "--ensemble"),
+                   f"{cnn} is a cnn whose scores are logits", "capsule lengths")
+    one_line_error(cli("eval", cnn, caps, "--data-root", fake_mnist, "--ensemble", "--json"),
+                   "scores are capsule lengths", "logits")
+    # members of one kind still average (two CNNs)
+    r = cli("eval", cnn, _save_model(tmp_path / "cnn2.pt", 3, **CNN), "--data-root",
+            fake_mnist, "--ensemble", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model"] == "cnn"

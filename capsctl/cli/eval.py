@@ -93,7 +93,9 @@ def eval_(
     ensemble: Annotated[bool, typer.Option(
         "--ensemble", help="Average the class scores (capsule lengths) of all the checkpoints "
                            "into one prediction: one row 'ensemble of N'. They must share the "
-                           "dataset and classes. Default: one row per checkpoint.")] = False,
+                           "dataset, the classes and the kind of score (capsule lengths, EM "
+                           "activations, a CNN's logits: one kind per ensemble). Default: one "
+                           "row per checkpoint.")] = False,
     confusion: Annotated[Optional[Path], typer.Option(
         "--confusion", help="Also draw the confusion matrix of every row into this PNG file "
                             "(rows: true class, columns: prediction). Default: none.")] = None,
