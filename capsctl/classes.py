@@ -10,7 +10,7 @@ class numbers "0", "1", ... Torch-free.
 from __future__ import annotations
 
 from capsctl.data.registry import DATASETS
-from capsctl.errors import CheckpointError
+from capsctl.errors import CheckpointError, DataError
 
 MAX_NAME = 200   # characters of a stored name (a folder name); longer ones are refused
 
@@ -48,3 +48,25 @@ def class_names_of(cfg, state: dict | None = None, root_flag: str | None = None)
 def short(name: str, width: int) -> str:
     """``name`` cut to ``width`` characters (an ellipsis marks a cut)."""
     return name if len(name) <= width else name[:max(1, width - 1)] + "\u2026"
+
+
+def _listed(names, limit: int = 8) -> str:
+    shown = ", ".join(short(n, 40) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def label_map(model_names: list[str], data_names: list[str], what: str) -> list[int] | None:
+    """Match a dataset's classes to a model's by name: None when they are the same list (label
+    k is the model's class k), else ``[model index of data class k for each k]`` when the data
+    holds a subset of the model's classes. Data classes the model does not know are a one-line
+    DataError naming the difference (``what``: the dataset, for the message)."""
+    if list(data_names) == list(model_names):
+        return None
+    unknown = [n for n in data_names if n not in model_names]
+    if unknown:
+        absent = [n for n in model_names if n not in data_names]
+        raise DataError(f"{what} has classes the checkpoint does not know: {_listed(unknown)}"
+                        + (f" (and lacks the checkpoint's {_listed(absent)})" if absent else "")
+                        + f"; the checkpoint's classes are {_listed(model_names)}: evaluate on "
+                        "a folder of those classes (all, or a subset), named as in training")
+    return [model_names.index(n) for n in data_names]

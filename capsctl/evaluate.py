@@ -213,15 +213,71 @@ def _result(label: str, name: str, split: str, m: dict, model_name: str, step, n
     return r
 
 
-def _evaluate_on(model, cfg, label: str, datasets, split: str, device, batch_size, limit,
-                 data_root, progress_console, group: Group):
-    """(dataset name, metrics) of ``model`` on each dataset (default: the one it trained on)."""
+class RelabeledSource:
+    """An evaluation source whose labels are renumbered into a model's classes (``map_K``:
+    the model's index of each of the source's classes): a folder holding the model's classes
+    in another order, or a subset of them, is scored by name."""
+
+    def __init__(self, source, map_K: list[int], device):
+        self.source = source
+        self.map_K = torch.tensor(map_K, dtype=torch.long, device=device)
+        self.task, self.name = source.task, getattr(source, "name", None)
+        self.default_limit = source.default_limit
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _relabel(self, batch: dict) -> dict:
+        out = dict(batch)
+        for key in ("y", "y2"):
+            if key in out:
+                out[key] = self.map_K[out[key]]
+        return out
+
+    def batches(self, batch_size: int, limit: int | None = None):
+        for batch in self.source.batches(batch_size, limit):
+            yield self._relabel(batch)
+
+    def get(self, idx: torch.Tensor) -> dict:
+        return self._relabel(self.source.get(idx))
+
+
+def eval_source(name: str, split: str, cfg, device, data_root, model_names: list[str] | None):
+    """The evaluation source of dataset ``name`` for a model of ``cfg`` whose classes are
+    ``model_names`` (None: not stored in its checkpoint, labels taken as they are). Where the
+    dataset's classes come from its files (a ``folder`` dataset) they are matched to the
+    model's by name: the same names in any order, or a subset of them, are scored as the
+    model's classes; other names are one line (classes.label_map)."""
+    import dataclasses
+
+    from capsctl.classes import dataset_class_names, label_map
+    from capsctl.data.build import _options as data_options, build_eval
+    from capsctl.data.registry import DATASETS
+
+    spec = DATASETS.get(name)
+    if model_names is None or spec is None or spec.classes_of is None:
+        return build_eval(name, split, cfg, device, data_root)
+    data_cfg = dataclasses.replace(cfg, data=data_options(name, cfg))
+    data_names = dataset_class_names(data_cfg, data_root)
+    if data_names is None:   # no folder to read yet: the builder says what is missing
+        return build_eval(name, split, cfg, device, data_root)
+    map_K = label_map(model_names, data_names, f"dataset {name}")
+    if map_K is None:
+        return build_eval(name, split, cfg, device, data_root)
+    subset_cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, num_classes=len(data_names)))   # the folder's own count, for its builder
+    return RelabeledSource(build_eval(name, split, subset_cfg, device, data_root), map_K,
+                           device)
+
+
+def _evaluate_on(model, cfg, label: str, model_names: list[str] | None, datasets, split: str,
+                 device, batch_size, limit, data_root, progress_console, group: Group):
+    """(dataset name, metrics) of ``model`` on each dataset (default: the one it trained on);
+    ``model_names``: its stored class names, which a folder's classes are matched to."""
     from rich.progress import Progress
 
-    from capsctl.data.build import build_eval
-
     for name in datasets or [cfg.data.name]:
-        source = build_eval(name, split, cfg, device, data_root)
+        source = eval_source(name, split, cfg, device, data_root, model_names)
         # a streamed source (MultiMNIST: 10M) evaluates a default prefix unless told
         n_max = limit if limit is not None else source.default_limit
         total = len(source) if n_max is None else min(n_max, len(source))
@@ -257,14 +313,16 @@ def evaluate_checkpoints(paths, datasets, split: str, device_name: str | None,
         model, cfg = Ensemble([m for m, _, _ in loaded]).eval(), loaded[0][1]
         label = f"ensemble of {len(paths)}"
         model_name = "+".join(dict.fromkeys(c.model.name for _, c, _ in loaded))
-        for name, m in _evaluate_on(model, cfg, label, *args):
+        stored = names[0] if all("class_names" in st for _, _, st in loaded) else None
+        for name, m in _evaluate_on(model, cfg, label, stored, *args):
             results.append({**_result(label, name, split, m, model_name, None, names[0]),
                             "checkpoints": [str(p) for p in paths]})
         return results
     for path in paths:
         model, cfg, state = load_model(path, device)
         names = class_names_of(cfg, state, data_root)
-        for name, m in _evaluate_on(model, cfg, Path(str(path)).name, *args):
+        stored = names if "class_names" in state else None
+        for name, m in _evaluate_on(model, cfg, Path(str(path)).name, stored, *args):
             results.append(_result(str(path), name, split, m, cfg.model.name,
                                    state.get("step"), names))
     return results

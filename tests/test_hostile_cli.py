@@ -244,3 +244,71 @@ def test_an_ensemble_of_capsule_lengths_and_logits_is_refused(tmp_path, fake_mni
             fake_mnist, "--ensemble", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["model"] == "cnn"
+
+
+# --- item 7: a folder's classes are matched to the checkpoint's by name ---------------------
+
+def _picture_folder(root: Path, classes: dict[str, int], n: int = 4) -> Path:
+    """ROOT/{train,test}/<name>/: class ``name`` is a bright band at height ``classes[name]``
+    (the same pictures under any name)."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for name, band in classes.items():
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                a = np.full((28, 28), 10 + 3 * i, np.uint8)
+                a[3 + 5 * band:6 + 5 * band, 2 + i:24] = 250
+                Image.fromarray(a).save(d / f"{i}.png")
+    return root
+
+
+def _folder_checkpoint(path: Path, root: Path, names: list[str]) -> Path:
+    import torch
+
+    from capsctl import checkpoint
+    from capsctl.config import to_dict
+    from capsctl.models import build_model
+
+    cfg = tiny_config(model={"transform_init_std": 0.5},
+                      data={"name": "folder", "root": str(root), "image_size": 28,
+                            "channels": 1, "val_size": 0})
+    torch.manual_seed(3)
+    checkpoint.save(path, {"model": build_model(cfg.model).state_dict(), "config": to_dict(cfg),
+                           "step": 0, "class_names": names})
+    return path
+
+
+def _eval_json(ck: Path, root: Path) -> dict:
+    r = cli("eval", ck, "--data-root", root, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_eval_matches_a_folders_classes_by_name(tmp_path):
+    bands = {"a": 0, "b": 2, "c": 4}
+    full = _picture_folder(tmp_path / "abc", bands)
+    ck = _folder_checkpoint(tmp_path / "m.pt", full, ["a", "b", "c"])
+    base = _eval_json(ck, full)
+    assert base["classes"] == ["a", "b", "c"] and base["n"] == 12
+    conf = base["confusion"]
+
+    # a subset {a, c}: scored as the checkpoint's a and c (rows as on the full folder)
+    sub = _eval_json(ck, _picture_folder(tmp_path / "ac", {"a": 0, "c": 4}))
+    assert sub["classes"] == ["a", "b", "c"] and sub["n"] == 8
+    assert sub["confusion"] == [conf[0], [0, 0, 0], conf[2]]
+    assert sub["correct"] == conf[0][0] + conf[2][2]
+    assert sub["per_class_accuracy"]["b"] is None
+
+    # the same count under other names: one line naming the difference, never a silent score
+    line = one_line_error(cli("eval", ck, "--data-root",
+                              _picture_folder(tmp_path / "bcd", {"b": 2, "c": 4, "d": 0})),
+                          "classes the checkpoint does not know: d", "lacks the checkpoint's a")
+    assert "a, b, c" in line
+    # the issue's case: checkpoint {a, b}, folder {b, c}
+    ck2 = _folder_checkpoint(tmp_path / "ab.pt", _picture_folder(tmp_path / "ab",
+                                                                 {"a": 0, "b": 2}), ["a", "b"])
+    one_line_error(cli("eval", ck2, "--data-root", _picture_folder(tmp_path / "bc",
+                                                                   {"b": 2, "c": 4})),
+                   "does not know: c")
