@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# A short MNIST run, its evaluation, and the pictures (reconstructions, perturbations, routes).
+# First, with no training and no download: a committed pretrained model predicts a real MNIST
+# test digit (kept in its folder) - when that model is in the checkout. Then a short MNIST run,
+# its evaluation, and the pictures (reconstructions, perturbations, routes).
+DEMO_MODEL := pretrained/efficient-capsnet-mnist
 demo: $(STAMP)
+	@if [ -f $(DEMO_MODEL)/model.pt ]; then \
+	  $(VENV)/bin/capsctl pretrained example $(DEMO_MODEL) --index 0 --out runs/demo-digit.png && \
+	  $(VENV)/bin/capsctl predict $(DEMO_MODEL) runs/demo-digit.png; \
+	else echo "($(DEMO_MODEL) is not in this checkout: no pretrained prediction)"; fi
 	$(VENV)/bin/capsctl train configs/mnist-quick.yaml --name demo --force $(if $(CAPSCTL_DATA),,--set data.download=true)
 	$(VENV)/bin/capsctl eval runs/demo/checkpoints/best.pt --dataset mnist
 	$(VENV)/bin/capsctl reconstruct runs/demo/checkpoints/best.pt --out runs/demo/reconstruct.png

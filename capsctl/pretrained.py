@@ -429,3 +429,28 @@ def verify(folder: Path, full: bool = False, device_name: str | None = None,
         found.append((f"{t.get('dataset')} test correct", f"{t.get('correct')}/{t.get('n')}",
                       f"{now['correct']}/{now['n']}"))
     return found
+
+
+def write_example(folder: Path, index: int, path: Path) -> dict:
+    """Write test example ``index`` of ``folder``/slice.npz as a PNG at ``path`` (a real test
+    image to try ``capsctl predict`` on); returns {"path", "index", "label"} (the class name).
+    Torch-free."""
+    from PIL import Image
+
+    card = read_card(folder)
+    x, y = read_slice(folder)
+    if not 0 <= index < len(x):
+        raise CapsctlError(f"--index {index}: the slice holds examples 0..{len(x) - 1}")
+    if x.shape[1] not in (1, 3):
+        raise CapsctlError(f"{folder}: {x.shape[1]}-channel examples cannot be a PNG")
+    pixels = x[index, 0] if x.shape[1] == 1 else x[index].transpose(1, 2, 0)
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, format="PNG")
+    except (OSError, ValueError) as e:
+        raise CapsctlError(f"--out {path}: cannot write ({e})") from None
+    names = card.get("classes")
+    k = int(y[index])
+    label = names[k] if isinstance(names, list) and 0 <= k < len(names) else str(k)
+    return {"path": str(path), "index": index, "label": str(label)}

@@ -127,6 +127,19 @@ def test_predict_reconstruct_and_perturb_take_the_folder(exported, tmp_path):
         assert Image.open(out).width > 50
 
 
+def test_example_writes_a_real_test_image_of_the_slice(exported, tmp_path):
+    _, folder, _ = exported
+    x, y = pretrained.read_slice(folder)
+    png = tmp_path / "sub" / "example.png"
+    r = runner.invoke(app, ["pretrained", "example", str(folder), "--index", "5", "--out",
+                            str(png)])
+    assert r.exit_code == 0, r.output
+    assert f"label {int(y[5])}" in r.output
+    assert np.array_equal(np.asarray(Image.open(png)), x[5, 0])
+    assert "0..39" in _one_line_exit_2(["pretrained", "example", str(folder), "--index", "40",
+                                        "--out", str(png)])
+
+
 def test_int8_and_int4_round_trips_stay_within_half_a_step():
     g = torch.Generator().manual_seed(0)
     for shape in [(7, 33), (5, 3, 3, 3), (1, 1), (3, 0)]:

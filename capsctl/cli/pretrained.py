@@ -164,6 +164,26 @@ def check(
         raise typer.Exit(1)
 
 
+@pretrained_app.command("example")
+@cli_errors
+def example(
+    folder: Annotated[Path, typer.Argument(help="A pretrained model folder.")],
+    png: Annotated[Path, typer.Option("--out", help="The PNG file to write (required).")],
+    index: Annotated[int, typer.Option(
+        "--index", help="Which of the folder's test examples (slice.npz). Default: 0.")] = 0,
+):
+    """Write one real test image kept with a pretrained model as a PNG, to try `capsctl
+    predict` on.
+
+    Example: capsctl pretrained example pretrained/efficient-capsnet-mnist --out digit.png
+    """
+    from capsctl.pretrained import write_example
+
+    done = write_example(folder, index, png)
+    out.print(f"{escape(done['path'])}: test example {done['index']}, label "
+              f"{escape(done['label'])}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add the `pretrained` command group to ``app``."""
     app.add_typer(pretrained_app, name="pretrained")
