@@ -274,6 +274,7 @@ def _evaluate_on(model, cfg, label: str, model_names: list[str] | None, datasets
                  device, batch_size, limit, data_root, progress_console, group: Group):
     """(dataset name, metrics) of ``model`` on each dataset (default: the one it trained on);
     ``model_names``: its stored class names, which a folder's classes are matched to."""
+    from rich.markup import escape
     from rich.progress import Progress
 
     for name in datasets or [cfg.data.name]:
@@ -284,7 +285,7 @@ def _evaluate_on(model, cfg, label: str, model_names: list[str] | None, datasets
         bs = batch_size or cfg.train.eval_batch_size
         with Progress(console=progress_console, disable=progress_console is None,
                       transient=True) as bar:
-            task = bar.add_task(f"{label} on {name}", total=total)
+            task = bar.add_task(escape(f"{label} on {name}"), total=total)
             m = evaluate(model, source, bs, device, cfg.train.precision, limit=n_max,
                          progress=lambda n: bar.update(task, completed=n), group=group,
                          confusion=True)

@@ -264,7 +264,7 @@ def _picture_folder(root: Path, classes: dict[str, int], n: int = 4) -> Path:
     return root
 
 
-def _folder_checkpoint(path: Path, root: Path, names: list[str]) -> Path:
+def _folder_checkpoint(path: Path, root: Path, names: list[str], **data) -> Path:
     import torch
 
     from capsctl import checkpoint
@@ -273,7 +273,7 @@ def _folder_checkpoint(path: Path, root: Path, names: list[str]) -> Path:
 
     cfg = tiny_config(model={"transform_init_std": 0.5},
                       data={"name": "folder", "root": str(root), "image_size": 28,
-                            "channels": 1, "val_size": 0})
+                            "channels": 1, "val_size": 0, **data})
     torch.manual_seed(3)
     checkpoint.save(path, {"model": build_model(cfg.model).state_dict(), "config": to_dict(cfg),
                            "step": 0, "class_names": names})
@@ -312,3 +312,105 @@ def test_eval_matches_a_folders_classes_by_name(tmp_path):
     one_line_error(cli("eval", ck2, "--data-root", _picture_folder(tmp_path / "bc",
                                                                    {"b": 2, "c": 4})),
                    "does not know: c")
+
+
+# --- item 13: user-given strings print as given; warnings are one line ------------------------
+
+B = "[b]x"          # rich markup reads [b] as "bold": printed unescaped, it vanishes
+WIDE = {"COLUMNS": "400"}
+INFO_LINE = "capsctl train "   # training/loop.py's start line: see the xfail test below
+
+
+def _as_given(output: str, *strings: str, skip: tuple[str, ...] = ()) -> None:
+    """Each user string is printed as given, and none in its markup-eaten form."""
+    for s in strings:
+        assert s in output, (s, output)
+        eaten = s.replace("[b]", "")
+        if eaten == s:
+            continue
+        bad = [line for line in output.splitlines()
+               if eaten in line and not line.lstrip("│┃ ").startswith(skip)]
+        assert not bad, bad
+
+
+def test_every_command_prints_user_strings_as_given(tmp_path, fake_mnist):
+    base = tmp_path / f"w {B}"
+    base.mkdir()
+    config = _tiny_yaml(base, fake_mnist)
+    runs, name = base / f"runs {B}", f"n{B}"
+    r = cli("train", config, "--run-dir", runs, "--name", name, "--no-progress", env=WIDE)
+    assert r.exit_code == 0, r.output
+    _as_given(r.output, f"runs {B}/{name}", f"w {B}", skip=(INFO_LINE,))
+    run = runs / name
+
+    png = base / f"c {B}.png"
+    r = cli("eval", run / "checkpoints" / "best.pt", "--data-root", fake_mnist, "--confusion",
+            png, env=WIDE)
+    assert r.exit_code == 0, r.output
+    assert png.is_file()
+    _as_given(r.output, f"runs {B}/{name}/checkpoints/best.pt", f"c {B}.png")
+
+    r = cli("compare", run, "--png", base / f"p {B}.png", env=WIDE)
+    assert r.exit_code == 0, r.output
+    _as_given(r.output, name, f"p {B}.png")
+
+    r = cli("sweep", config, "--run-dir", base / f"s {B}", "--name", f"sw{B}", "--vary",
+            "model.routing=dynamic", "--no-progress", env=WIDE)
+    assert r.exit_code == 0, r.output
+    _as_given(r.output, f"s {B}/sw{B}", skip=(INFO_LINE,))
+
+    out = base / f"r {B}.png"
+    r = cli("reconstruct", run, "--data-root", fake_mnist, "--n", "1", "--no-tb", "--out",
+            out, env=WIDE)
+    assert r.exit_code == 0, r.output
+    _as_given(r.output, f"r {B}.png")
+
+    r = cli("data", "affnist-synth", "--data-root", fake_mnist, "--per-digit", "1", "--out",
+            base / f"syn {B}", env=WIDE)
+    assert r.exit_code == 0, r.output
+    _as_given(r.output, f"syn {B}", "[0.8, 1.2]")
+
+    r = cli("config", config, "--set", f"data.root=d {B}")   # YAML on stdout, as given
+    assert r.exit_code == 0 and f"root: d {B}" in r.stdout, r.output
+
+
+@pytest.mark.xfail(reason="the start line of training/loop.py prints the run folder without "
+                          "escaping it (a fix outside the command-line modules)", strict=False)
+def test_the_training_start_line_prints_the_run_folder_as_given(tmp_path, fake_mnist):
+    config = _tiny_yaml(tmp_path, fake_mnist)
+    r = cli("train", config, "--run-dir", tmp_path / f"runs {B}", "--no-progress", env=WIDE)
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith(INFO_LINE))
+    assert f"runs {B}/tiny" in line, line
+
+
+def test_warnings_are_one_line(tmp_path):
+    root = _picture_folder(tmp_path / f"pics {B}", {"a": 0, "b": 2})
+    (root / "test" / "a" / "broken.png").write_bytes(b"\x89PNG not really")
+    ck = _folder_checkpoint(tmp_path / "m.pt", root, ["a", "b"], skip_bad_images=True)
+    r = cli("eval", ck, "--data-root", root, "--json", env=WIDE)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n"] == 8                     # the broken image left out
+    lines = [x for x in r.stderr.splitlines() if "skipped" in x or "Warning" in x
+             or x.startswith("warning")]
+    assert len(lines) == 1, r.stderr                          # (and a note: decoding N images)
+    assert lines[0].startswith("warning: folder dataset: skipped 1 unreadable image(s) of "
+                               f"{root} (first: test/a/broken.png"), lines[0]
+    assert "UserWarning" not in r.stderr and "warnings.warn" not in r.stderr
+
+
+def test_a_library_warning_during_a_command_is_one_line(monkeypatch):
+    import warnings
+
+    import capsctl.config
+
+    real = capsctl.config.load
+
+    def load(*args, **kwargs):
+        warnings.warn("capsctl: something odd\n  in [b]two[/b] lines", UserWarning)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capsctl.config, "load", load)
+    r = cli("config", REPO / "configs/mnist-quick.yaml")
+    assert r.exit_code == 0, r.output
+    assert r.stderr == "warning: something odd in [b]two[/b] lines\n", r.stderr

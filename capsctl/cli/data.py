@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from capsctl.cli.options import DataRootOpt, cli_errors, data_root_text, err
@@ -62,11 +63,11 @@ def affnist_synth(
     table = Table(title="affnist-synth (not the official affNIST)")
     table.add_column("item")
     table.add_column("value", justify="right")
-    table.add_row("folder", summary["folder"])
+    table.add_row("folder", escape(str(summary["folder"])))
     table.add_row("images", f"{summary['images']:,} ({summary['digits']:,} digits x "
                             f"{per_digit})")
     table.add_row("rotation / shear", f"+-{rotation} deg / +-{shear}")
-    table.add_row("scale per axis", f"[{scale_min}, {scale_max}]")
+    table.add_row("scale per axis", escape(f"[{scale_min}, {scale_max}]"))
     table.add_row("seed", str(seed))
     table.add_row("time", f"{time.perf_counter() - started:.1f} s")
     err.print(table)
@@ -110,7 +111,7 @@ def affnist_download(
     root = mnist.resolve_root(data_root_text(data_root))
     err.print(f"downloading {affnist.BASE_URL}{affnist.BATCH_DIRS[split]}.zip ...")
     folder = affnist.download(root, split)
-    err.print(f"affNIST {split} batches in {folder}")
+    err.print(f"affNIST {split} batches in {escape(str(folder))}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

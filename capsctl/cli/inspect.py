@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from capsctl.cli.options import DataRootOpt, DeviceOpt, cli_errors, data_root_text, err, \
@@ -47,7 +48,9 @@ def _indices(values: list[str]) -> list[int]:
 
 
 def _written(r: dict) -> str:
-    return r["png"] + (f"  (TensorBoard: {r['tensorboard']})" if r["tensorboard"] else "")
+    """Where the picture went, markup escaped (a path may hold square brackets)."""
+    return escape(r["png"] + (f"  (TensorBoard: {r['tensorboard']})" if r["tensorboard"]
+                              else ""))
 
 
 @cli_errors
@@ -89,7 +92,7 @@ def reconstruct(
     table = Table(title="capsctl reconstruct")
     table.add_column("")
     table.add_column("value", justify="right")
-    table.add_row("examples", f"{r['examples']} ({r['dataset']} {r['split']})")
+    table.add_row("examples", escape(f"{r['examples']} ({r['dataset']} {r['split']})"))
     if r["misclassified"] is not None:
         table.add_row("misclassified", str(r["misclassified"]))
         table.add_row("pixel MSE", f"{r['mse']:.5f} (mask: {r['mask']})")
@@ -104,7 +107,8 @@ def _change_table(examples: list[dict]) -> Table:
                   padding=(0, 0, 0, 1), pad_edge=False, collapse_padding=True)
     table.add_column("dim", justify="right")
     for e in examples:
-        table.add_column(f"{e['capsule']}" + ("" if e["label"] == e["prediction"] else "*"),
+        table.add_column(escape(f"{e['capsule']}") + ("" if e["label"] == e["prediction"]
+                                                      else "*"),
                          justify="right")
     if len(examples) > 1:
         table.add_column("mean", justify="right")
@@ -167,10 +171,10 @@ def perturb(
 
 def _routes_table(r: dict) -> Table:
     """Per class: its score, its share of the couplings after each pass, its agreement."""
-    table = Table(title=f"capsctl routes: {r['dataset']} {r['split']} #{r['index']}, label "
-                        f"{r['label']}, predicted {r['prediction']}")
+    table = Table(title=escape(f"capsctl routes: {r['dataset']} {r['split']} #{r['index']}, "
+                               f"label {r['label']}, predicted {r['prediction']}"))
     table.add_column("class", justify="right")
-    table.add_column(r["score"], justify="right")
+    table.add_column(escape(r["score"]), justify="right")
     for k in range(len(r["coupling_share"])):
         table.add_column(f"share, pass {k + 1}", justify="right")
     if "agreement_total" in r:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
@@ -67,7 +68,7 @@ def show_comparison(rows: list, as_json: bool, png: Path | None,
     else:
         print_table(compare_mod.compare_table(rows, title))
     if png is not None:
-        err.print(f"bar chart: {png}", highlight=False)
+        err.print(f"bar chart: {escape(str(png))}", highlight=False)
 
 
 def debug() -> bool:
@@ -80,14 +81,43 @@ def error_line(message: str) -> None:
     err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+def warning_line(message: str) -> None:
+    """Print ``warning: message`` as one line on stderr (never wrapped, markup escaped)."""
+    err.print(f"[yellow]warning:[/] {escape(' '.join(str(message).split()))}",
+              highlight=False, soft_wrap=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` during a command: ``warning: MESSAGE``, one line, instead of
+    Python's two lines with the category, the source file and its line of code."""
+    text = str(message)
+    warning_line(text[len("capsctl: "):] if text.startswith("capsctl: ") else text)
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Within the block every Python warning (capsctl's and its libraries') is one line on
+    stderr, ``warning: ...`` (CAPSCTL_DEBUG=1 keeps Python's own format)."""
+    if debug():
+        yield
+        return
+    saved, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
+
+
 def cli_errors(fn):
     """Wrap a command: user errors become one line and their exit code (2; 1 for the
-    environment), Ctrl-C exit 130. Returns the wrapped function (same signature)."""
+    environment), Ctrl-C exit 130, warnings one line each. Returns the wrapped function (same
+    signature)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with one_line_warnings():
+                return fn(*args, **kwargs)
         except CapsctlError as e:
             if debug():
                 raise

@@ -84,7 +84,7 @@ def _exec_torchrun(nproc: int) -> None:
 
 def _summary_table(summary: dict) -> Table:
     """The table printed after training: steps, accuracies, time, best checkpoint."""
-    table = Table(title=f"run {summary['run_dir']}")
+    table = Table(title=escape(f"run {summary['run_dir']}"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("steps", f"{summary['steps']:,}")
@@ -94,7 +94,7 @@ def _summary_table(summary: dict) -> Table:
     table.add_row("test accuracy (best)", f"{summary['test_accuracy']:.4%}")
     table.add_row("test error (best)", f"{summary['test_error']:.4%}")
     table.add_row("time", f"{summary['seconds']:.1f} s")
-    table.add_row("best checkpoint", summary["best_checkpoint"])
+    table.add_row("best checkpoint", escape(str(summary["best_checkpoint"])))
     return table
 
 
