@@ -133,6 +133,7 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 BG, INK, GRID, MINOR = (255, 255, 255), (20, 20, 20), (205, 205, 205), (236, 236, 236)
 PLOT_W, PLOT_H, LEFT, TOP, GAP = 460, 300, 64, 44, 40
+DECADES = 300                  # the log axes stay within 1e-300 .. 1e300
 
 
 def _font(size: int):
@@ -158,9 +159,9 @@ def log_range(values: list[float]) -> tuple[float, float]:
     positive = [v for v in values if v > 0]
     if not positive:
         return 0.1, 1.0
-    low = 10 ** math.floor(math.log10(min(positive)))
-    high = 10 ** math.ceil(math.log10(max(positive)))
-    return low, high if high > low else low * 10
+    lo = max(math.floor(math.log10(min(positive))), -DECADES)   # 5e-324 would round to 0
+    hi = min(max(math.ceil(math.log10(max(positive))), lo + 1), DECADES)
+    return 10.0 ** lo, 10.0 ** hi
 
 
 def log_ticks(low: float, high: float) -> list[tuple[float, bool]]:

@@ -145,6 +145,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     assert "Traceback" not in r.output
 
 
+def test_extreme_values_still_draw(tmp_path):
+    rows = [train_row(2, 0, 5e-324), train_row(4, 0, 1e308), val_row(4, 1.0), val_row(8, 0.5),
+            train_row(2 ** 62, 1, 0.1)]
+    run = write_run(tmp_path / "x", rows)
+    r = runner.invoke(app, ["plot", str(run), "--out", str(tmp_path / "x.png")])
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "x.png").width > 900
+
+
 def test_the_library_refuses_no_runs():
     with pytest.raises(CapsctlError, match="at least one"):
         curves.curves([])
