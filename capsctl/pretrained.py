@@ -357,6 +357,7 @@ def export(checkpoint_path, name: str, root: Path | None = None, classifier: str
         "command": command, "note": note, "evaluated_on": describe(device),
         "config": state["config"]}
     packed_model, _, _ = checkpoint.load_model(folder, device)
+    (folder / SLICE_FILE).unlink(missing_ok=True)   # --force over an older export
     if slice_n:
         src = build_eval(cfg.data.name, "test", cfg, device, data_root)
         x, y = slice_of(src, slice_n)
@@ -403,9 +404,11 @@ def listing(root: Path | None = None) -> list[dict]:
             rows.append({**row, "problem": str(e)})
             continue
         t = card["test"]
+        train = (card.get("config") or {}).get("train") or {}
         row.update({"model": card.get("model"), "data": card.get("data"),
                     "test_error": t.get("error"), "test_n": t.get("n"),
-                    "epochs": card.get("epochs"), "storage": card.get("storage"),
+                    "epochs": card.get("epochs"), "run_epochs": train.get("epochs"),
+                    "storage": card.get("storage"),
                     "command": card.get("command")})
         if row["bytes"] is None:
             row["problem"] = f"no {MODEL_FILE}"

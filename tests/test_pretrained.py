@@ -185,6 +185,7 @@ def test_the_listing_shows_each_model_without_torch(exported):
     assert row["bytes"] == card["storage"]["bytes"] and row["command"] == "capsctl train tiny"
     r = runner.invoke(app, ["pretrained", "--root", str(folder.parent)])
     assert r.exit_code == 0 and FRESH in r.output and "int8" in r.output
+    assert "1 of 1" in r.output          # epochs at the checkpoint, of the run's
 
 
 def test_check_compares_with_the_card(exported, tmp_path):

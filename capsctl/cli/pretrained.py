@@ -30,6 +30,13 @@ def _size(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB"
 
 
+def _epochs(r: dict) -> str:
+    """"37 of 40": the epochs trained when the checkpoint was saved, of the run's."""
+    if r.get("epochs") is None:
+        return "-"
+    return f"{r['epochs']}" + (f" of {r['run_epochs']}" if r.get("run_epochs") else "")
+
+
 def listing_table(rows: list[dict]) -> Table:
     """A row per model: name, model, data, test error (n), epochs, size, storage, command."""
     table = Table(title="capsctl pretrained")
@@ -45,7 +52,7 @@ def listing_table(rows: list[dict]) -> Table:
         table.add_row(escape(r["name"]), escape(str(r["model"])), escape(str(r["data"])),
                       "-" if r["test_error"] is None else
                       f"{r['test_error']:.2%} (n={r['test_n']:,})",
-                      "-" if r["epochs"] is None else str(r["epochs"]), _size(r["bytes"]),
+                      _epochs(r), _size(r["bytes"]),
                       escape(f"{s.get('classifier', '?')} + decoder {s.get('decoder', '?')}"),
                       escape(r["command"] or "(not recorded)"))
     return table
@@ -107,7 +114,9 @@ def export(
     root: RootOpt = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing folder of that name. Default: off.")] = False,
-    device: DeviceOpt = None,
+    device: Annotated[str, typer.Option(
+        "--device", help="Where the card's accuracies are measured: cpu | cuda | cuda:N. "
+                         "Default: cpu, where tests/test_pretrained.py checks them.")] = "cpu",
     data_root: DataRootOpt = None,
 ):
     """Make pretrained/NAME/ from a run's checkpoint, and record its exact test accuracy (the
