@@ -11,7 +11,8 @@ run's last step, and ``test/accuracy`` / ``test/error`` once the run tested its 
 Epochs on the x axis: a row at step ``s`` lies at ``s / steps_per_epoch``. The steps of an epoch
 are not in the folder; they are the step of the first validation row (an epoch's end), checked
 against the training rows' ``epoch`` (row at step s of epoch e: e < s / steps_per_epoch <= e + 1);
-without a validation row they are bracketed by the training rows alone. When some run's epoch
+without a validation row they are bracketed by the training rows alone (a run stopped by
+``train.max_steps`` inside its first epoch shows that validation at epoch 1). When some run's epoch
 length cannot be told yet (a run in its first epoch without validation), every run is drawn
 against steps instead.
 """

@@ -66,6 +66,7 @@ def test_each_pretrained_model_evaluates_to_its_card_exactly(name, request):
     if full and root is None:
         root = request.getfixturevalue("mnist_root")   # a failure when absent, never a skip
     assert (folder / pretrained.MODEL_FILE).stat().st_size <= pretrained.MAX_BYTES
+    assert (folder / pretrained.SLICE_FILE).stat().st_size <= 200_000
     checked = pretrained.verify(folder, full, "cpu", str(root) if root else None)
     assert [w for w, _, _ in checked][:1] == ["slice correct"]
     assert len(checked) == (2 if full else 1)
