@@ -193,9 +193,15 @@ def _panel(d, origin: tuple[int, int], title: str, unit: str, xmax: float,
     d.text((x0, y0 - 30), title, fill=INK, font=big)
     values = [y for _, pts, _ in series for _, y in pts]
     low, high = log_range(values)
-    span = math.log10(high) - math.log10(low)
-    ypix = lambda v: y0 + PLOT_H - (math.log10(max(v, low)) - math.log10(low)) / span * PLOT_H  # noqa: E731
-    xpix = lambda x: x0 + x / xmax * PLOT_W  # noqa: E731
+    bottom = math.log10(low)
+    span = math.log10(high) - bottom
+
+    def ypix(v: float) -> float:
+        return y0 + PLOT_H - (math.log10(min(max(v, low), high)) - bottom) / span * PLOT_H
+
+    def xpix(x: float) -> float:
+        return x0 + x / xmax * PLOT_W
+
     for v, major in log_ticks(low, high):
         y = ypix(v)
         d.line((x0, y, x0 + PLOT_W, y), fill=GRID if major else MINOR)
