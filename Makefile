@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 CAPSCTL_DATA ?= $(if $(wildcard ../shared/datasets/mnist),../shared/datasets/mnist,)
 export CAPSCTL_DATA
 
-.PHONY: install test demo bench docs readme clean
+.PHONY: install test demo bench device-check docs readme clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ demo: $(STAMP)
 	$(VENV)/bin/capsctl perturb runs/demo/checkpoints/best.pt --out runs/demo/perturb.png
 	$(VENV)/bin/capsctl routes runs/demo/checkpoints/best.pt --out runs/demo/routes.png
 	@echo "pictures: runs/demo/reconstruct.png runs/demo/perturb.png runs/demo/routes.png"
+
+# On a machine with one CUDA GPU: CUDA tests, bench fp32/bf16/compile, one MNIST epoch in bf16,
+# one table with the card's name (capsctl/device_check.py). Refuses without a GPU.
+device-check: $(STAMP)
+	$(PY) -m capsctl.device_check
 
 bench: $(STAMP)
 	$(VENV)/bin/capsctl bench configs/mnist.yaml --set train.batch_size=100

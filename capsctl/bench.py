@@ -1,5 +1,8 @@
 """capsctl bench: throughput, memory and CPU time of a training step, of inference, and of the
-"conv-only bound" (Conv1 + PrimaryCaps forward + backward, the work no CapsNet can avoid).
+"conv-only bound" (Conv1 + PrimaryCaps forward + backward, the work no CapsNet can avoid); and
+each phase against the machine: FLOPs per image (capsctl/flops.py says how they are counted),
+achieved GFLOP/s and the fraction of the matrix-product peak measured in the same run. With
+``profile``, where a training step's time goes (capsctl/profile.py).
 
 Every phase runs on a synthetic batch of the configured shape (no dataset needed), warms up, then
 times ``steps`` steps one by one and reports the median. Memory is the peak of the phase: the
@@ -22,12 +25,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from capsctl import flops as flops_mod, profile as profile_mod
 from capsctl.config import Config
 from capsctl.data.registry import DATASETS, PAIR
 from capsctl.device import autocast, compile_model, describe, use_channels_last
 from capsctl.errors import CapsctlError
+from capsctl.evaluate import model_labels
 from capsctl.models import build_model, count_parameters, loss_fn
-from capsctl.models import routing_kernel
+from capsctl.models import conv as conv_mod, routing_kernel
 from capsctl.models.capsnet import CapsNet
 from capsctl.models.capsules import RoutedCapsules
 from capsctl.training.step import build_optimizer, lr_at, train_step
@@ -44,6 +49,17 @@ class Phase:
     user_ms: float          # process user CPU time per step (all threads)
     sys_ms: float           # process system CPU time per step
     peak_mem: int | None    # bytes; see ``mem_kind`` in the report
+    flops_per_image: float | None = None  # capsctl/flops.py: how they are counted
+    gflops: float | None = None           # flops_per_image x images_per_s / 1e9
+    fraction_of_peak: float | None = None  # gflops / the matmul peak of the run's precision
+
+    def rate(self, flops_per_image: float | None, peak: float | None) -> "Phase":
+        """This phase with its FLOPs per image, achieved GFLOP/s and fraction of ``peak``."""
+        if flops_per_image:
+            self.flops_per_image = flops_per_image
+            self.gflops = flops_per_image * self.images_per_s / 1e9
+            self.fraction_of_peak = self.gflops / peak if peak else None
+        return self
 
 
 # --- memory -----------------------------------------------------------------------------------
@@ -204,7 +220,7 @@ class _TrainPhase:
 
 def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
         large_batch: int | None = None, steps: int = 10, warmup: int = 3,
-        warn: Callable[[str], None] = lambda msg: None) -> dict:
+        profile: bool = False, warn: Callable[[str], None] = lambda msg: None) -> dict:
     """Measure the configured model on ``device``; returns a JSON-ready dict (see ``KEYS``)."""
     t = cfg.train
     batch_size = batch_size or t.batch_size
@@ -265,6 +281,12 @@ def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
     large["x"] = large["x"].contiguous(memory_format=fmt)
     phases["infer_large"] = _Timer(infer_at(large), large_batch)
 
+    report["peak_gflops"] = {p: flops_mod.matmul_peak(device, p)
+                             for p in dict.fromkeys((t.precision, "fp32"))}
+    counted = flops_mod.count(model, batch["x"], model_labels(batch, train_phase.task))
+    fpi = {"train": counted["train"], "infer": counted["infer"], "infer_large": counted["infer"],
+           "conv_bound": flops_mod.conv_bound(*mods, batch["x"]) if mods else None}
+    report["flops_per_image"] = {**fpi, "modules": counted["modules"]}
     for name, ph in phases.items():
         n = max(warmup, 1)
         if name == "train" and t.compile:
@@ -275,22 +297,30 @@ def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
     for _ in range(steps):
         for ph in phases.values():
             ph.timed(device)
-    train, bound = phases["train"].result(), phases.get("conv_bound")
-    bound = bound.result() if bound else None
-    infer, infer_large = phases["infer"].result(), phases["infer_large"].result()
+    peak = report["peak_gflops"][t.precision]
+    res = {name: ph.result().rate(fpi[name], peak) for name, ph in phases.items()}
+    train, bound = res["train"], res.get("conv_bound")
+    infer, infer_large = res["infer"], res["infer_large"]
+    report["conv_formulations"] = {"mode": conv_mod.mode(), **conv_mod.choices(model)}
     report.update(train=asdict(train), infer=asdict(infer), infer_large=asdict(infer_large),
                   conv_bound=asdict(bound) if bound else None)
     report["train_vs_bound"] = train.images_per_s / bound.images_per_s if bound else None
     # the same ratio from CPU time (user + system), steadier than wall time on a shared machine
     report["train_vs_bound_cpu"] = ((bound.user_ms + bound.sys_ms) / (train.user_ms + train.sys_ms)
                                     if bound and train.user_ms + train.sys_ms > 0 else None)
+    if profile:
+        model.train()
+        report["profile"] = {"step": profile_mod.step_profile(phases["train"].step),
+                             "convolutions": profile_mod.conv_table(model, batch["x"],
+                                                                    t.precision)}
     return report
 
 
 KEYS = ("device", "device_type", "dtype", "torch", "threads", "model", "parameters",
         "channels_last", "compile", "compile_active", "capsule_layer", "batch_size",
-        "large_batch", "steps", "warmup", "mem_kind", "mem_start", "train", "infer",
-        "infer_large", "conv_bound", "train_vs_bound", "train_vs_bound_cpu")
+        "large_batch", "steps", "warmup", "mem_kind", "mem_start", "peak_gflops",
+        "flops_per_image", "train", "infer", "infer_large", "conv_bound", "conv_formulations",
+        "train_vs_bound", "train_vs_bound_cpu")  # + "profile" with --profile
 PHASE_KEYS = tuple(Phase.__dataclass_fields__)
 
 

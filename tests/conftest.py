@@ -12,6 +12,11 @@ import pytest
 
 from capsctl.config import Config, from_dict
 
+# The convolution formulation is chosen by measuring (capsctl/models/conv.py); the suite pins
+# torch's own convolution so that its numbers never depend on a timing. tests/test_conv.py
+# covers the other formulations and the choice itself.
+os.environ.setdefault("CAPSCTL_CONV", "onednn")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
 

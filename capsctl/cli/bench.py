@@ -3,6 +3,7 @@ JSON. torch is imported inside the command, so `capsctl bench --help` stays ligh
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +12,11 @@ from rich.table import Table
 
 from capsctl.cli.options import DeviceOpt, SetOpt, cli_errors, err, json_line, print_table
 from capsctl.errors import CapsctlError
+
+# capsctl/models/conv.py's switch and formulations, spelled here too so that `bench --help` and
+# the check of --conv need no torch (tests/test_conv.py checks that the two agree)
+CONV_SWITCH = "CAPSCTL_CONV"
+CONV_FORMULATIONS = ("onednn", "channels-last", "wgrad-gemm")
 
 
 def _mem(b: int | None) -> str:
@@ -29,7 +35,31 @@ def _header(r: dict) -> str:
             f"{r['steps']} steps after {r['warmup']} warm-up"
             + (f"; load average {r['load_average']}" if "load_average" in r else "")
             + (f"\n{'allocated' if r['device_type'] == 'cuda' else 'resident'} before the "
-               f"first step: {_mem(r['mem_start'])}" if r["mem_start"] is not None else ""))
+               f"first step: {_mem(r['mem_start'])}" if r["mem_start"] is not None else "")
+            + "\nmatrix-product peak: " + ", ".join(f"{p} {g:,.0f} GFLOP/s"
+                                                   for p, g in r["peak_gflops"].items())
+            + "; convolutions: " + _convs(r["conv_formulations"]))
+
+
+def _convs(c: dict) -> str:
+    """The convolution formulations: what each convolution ran in training and in inference,
+    and the switch (auto: measured)."""
+    runs = {k: v for k, v in c.items() if k != "mode"}
+    parts = []
+    for phase in ("train", "infer"):
+        ran = {name: r[phase] for name, r in runs.items() if phase in r}
+        kinds = sorted(set(ran.values()))
+        if kinds:
+            parts.append(f"{phase} " + (kinds[0] if len(kinds) == 1 else ", ".join(
+                f"{name} {how}" for name, how in ran.items())))
+    return ("; ".join(parts) or "none") + f" ({c['mode']})"
+
+
+def _rate(p: dict) -> tuple[str, str, str]:
+    if p.get("flops_per_image") is None:
+        return "n/a", "n/a", "n/a"
+    return (f"{p['flops_per_image'] / 1e9:.3f}", f"{p['gflops']:,.0f}",
+            "n/a" if p["fraction_of_peak"] is None else f"{p['fraction_of_peak']:.2f}")
 
 
 def bench_table(r: dict) -> Table:
@@ -37,21 +67,47 @@ def bench_table(r: dict) -> Table:
     of capsctl.bench.run, with the train / bound ratio as the caption."""
     table = Table(title=_header(r), title_justify="left")
     for col in ("phase", "batch", "images/s", "ms/step (median)", "user ms/step",
-                "sys ms/step", r["mem_kind"]):
+                "sys ms/step", r["mem_kind"], "GFLOP/image", "GFLOP/s", "of peak"):
         table.add_column(col, justify="left" if col == "phase" else "right")
     rows = [("train step", r["train"]), ("inference", r["infer"]),
             ("inference, large batch", r["infer_large"]), ("conv-only bound", r["conv_bound"])]
     for name, p in rows:
         if p is None:
-            table.add_row(name, *(["n/a"] * 6))
+            table.add_row(name, *(["n/a"] * 9))
             continue
         table.add_row(name, str(p["batch"]), f"{p['images_per_s']:,.1f}", f"{p['step_ms']:.1f}",
-                      f"{p['user_ms']:.1f}", f"{p['sys_ms']:.1f}", _mem(p["peak_mem"]))
+                      f"{p['user_ms']:.1f}", f"{p['sys_ms']:.1f}", _mem(p["peak_mem"]),
+                      *_rate(p))
     ratio, cpu = r["train_vs_bound"], r["train_vs_bound_cpu"]
     table.caption = ("train / conv-only bound: " + ("n/a (the model has no Conv1 + PrimaryCaps)"
                                                     if ratio is None else f"{ratio:.2f}x")
                      + (f" (by CPU time: {cpu:.2f}x)" if cpu is not None else ""))
     return table
+
+
+def profile_tables(prof: dict) -> list[Table]:
+    """bench --profile: the step's time by category and part, and each convolution alone."""
+    step = prof["step"]
+    t1 = Table(title=f"where a training step's time goes (profiled: {step['wall_ms']:.0f} ms "
+                     "a step; operators' self time)", title_justify="left")
+    for col in ("category", "ms/step", "share"):
+        t1.add_column(col, justify="left" if col == "category" else "right")
+    total = sum(step["categories"].values()) or 1.0
+    for name, ms in step["categories"].items():
+        t1.add_row(name, f"{ms:.1f}", f"{ms / total:.0%}")
+    t1.caption = "parts (inclusive): " + ", ".join(f"{k} {v:.0f} ms"
+                                                    for k, v in step["parts"].items())
+    t2 = Table(title="each convolution alone, at the step's shapes (ms; GFLOP/s)",
+               title_justify="left")
+    for col in ("convolution", "formulation", "input", "GFLOP", "forward", "backward-data",
+                "backward-weight"):
+        t2.add_column(col, justify="left" if col in ("convolution", "formulation") else "right")
+    for c in prof["convolutions"]:
+        t2.add_row(c["conv"], c["formulation"], "x".join(map(str, c["input"])),
+                   f"{c['gflop']:.2f}",
+                   *(f"{c[k + '_ms']:.1f}; {c[k + '_gflops']:,.0f}"
+                     for k in ("forward", "backward_data", "backward_weight")))
+    return [t1, t2]
 
 
 @cli_errors
@@ -74,6 +130,17 @@ def bench(
         "--threads", help="CPU threads for torch (torch.set_num_threads; 0 = torch's "
                           "default).")] = 0,
     device: DeviceOpt = None,
+    conv: Annotated[str, typer.Option(
+        "--conv", help="Convolution formulation: auto (measure once per machine and shape, "
+                       "cached), onednn, channels-last or wgrad-gemm (sets $CAPSCTL_CONV). "
+                       "Default: $CAPSCTL_CONV, else auto.")] = "",
+    remeasure: Annotated[bool, typer.Option(
+        "--remeasure", help="Forget the cached convolution choices and measure again. "
+                            "Default: off.")] = False,
+    profile: Annotated[bool, typer.Option(
+        "--profile", help="Also print where a training step's time goes (by operator "
+                          "category and part) and each convolution's forward, backward-data "
+                          "and backward-weight alone. Default: off.")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print exactly one JSON object on stdout. Default: a table.")] = False,
 ):
@@ -86,16 +153,25 @@ def bench(
     if batch_size < 0 or large_batch < 0 or steps < 1 or warmup < 0 or threads < 0:
         raise CapsctlError("--batch-size and --large-batch must be >= 0 (0 = from the config), "
                            "--steps >= 1, --warmup >= 0, --threads >= 0 (0 = torch's default)")
+    how = (conv or os.environ.get(CONV_SWITCH, "auto")).strip().lower() or "auto"
+    if how not in ("auto", *CONV_FORMULATIONS):
+        raise CapsctlError(f"--conv / ${CONV_SWITCH} {how!r}: expected auto or one of "
+                           f"{', '.join(CONV_FORMULATIONS)}")
+    os.environ[CONV_SWITCH] = how
     import torch
 
     from capsctl import bench as bench_mod, config as config_mod, device as device_mod
+    from capsctl.models import conv as conv_mod
+
+    if remeasure:
+        conv_mod.forget()
 
     cfg = config_mod.load(config, set_)
     dev = device_mod.resolve(device or cfg.train.device)
     if threads:
         torch.set_num_threads(threads)
     r = bench_mod.run(cfg, dev, batch_size=batch_size or None, large_batch=large_batch or None,
-                      steps=steps, warmup=warmup,
+                      steps=steps, warmup=warmup, profile=profile,
                       warn=lambda msg: err.print(f"[yellow]warning:[/] {msg}", highlight=False))
     if dev.type == "cpu":
         r["cpu"] = bench_mod.cpu_info()
@@ -104,6 +180,9 @@ def bench(
         json_line(r)
         return
     print_table(bench_table(r))
+    if profile:
+        for table in profile_tables(r["profile"]):
+            print_table(table)
 
 
 def register(app: typer.Typer) -> None:

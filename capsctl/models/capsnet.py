@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capsctl.models import routing
+from capsctl.models.conv import Conv2d
 from capsctl.models.capsnet_config import CapsNetConfig, primary_grid
 from capsctl.models.capsules import PrimaryCaps, safe_norm
 
@@ -61,7 +62,7 @@ class CapsNet(nn.Module):
     def __init__(self, m: CapsNetConfig):
         super().__init__()
         self.cfg = m
-        self.conv1 = nn.Conv2d(m.in_channels, m.conv1_channels, m.conv1_kernel)
+        self.conv1 = Conv2d(m.in_channels, m.conv1_channels, m.conv1_kernel)
         self.primary = PrimaryCaps(m.conv1_channels, m.primary_types, m.primary_dim,
                                    m.primary_kernel, m.primary_stride, m.primary_scale)
         self.grid = primary_grid(m)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capsctl.models import routing_kernel
+from capsctl.models.conv import Conv2d
 
 SQUASH_EPS = 1e-8
 
@@ -64,7 +65,7 @@ class PrimaryCaps(nn.Module):
                  scale: float = 1.0):
         super().__init__()
         self.types, self.dim, self.scale = types, dim, scale
-        self.conv = nn.Conv2d(in_channels, types * dim, kernel, stride)
+        self.conv = Conv2d(in_channels, types * dim, kernel, stride)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         a_BCGG = self.conv(h)

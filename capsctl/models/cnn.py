@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capsctl.models.conv import Conv2d
 from capsctl.models.cnn_config import CNNConfig, MultiMNISTCNNConfig
 
 KERNEL = 5
@@ -53,7 +54,7 @@ class CNN(nn.Module):
         pools = m.pool or [1] * len(m.channels)
         layers, channels, side = [], m.in_channels, m.input_size
         for width, pool in zip(m.channels, pools):
-            layers += [nn.Conv2d(channels, width, KERNEL, padding=KERNEL // 2),
+            layers += [Conv2d(channels, width, KERNEL, padding=KERNEL // 2),
                        nn.ReLU(inplace=True)]
             if pool > 1:
                 layers.append(nn.MaxPool2d(pool))

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from capsctl.models.conv import Conv2d
 from capsctl.models.capsnet import Decoder, masked_decode
 from capsctl.models.capsules import safe_norm
 from capsctl.models.efficient_config import EfficientCapsNetConfig, efficient_grid
@@ -53,7 +54,7 @@ class DepthwisePrimaryCaps(nn.Module):
     def __init__(self, channels: int, kernel: int, dim: int):
         super().__init__()
         self.dim = dim
-        self.conv = nn.Conv2d(channels, channels, kernel, groups=channels)
+        self.conv = Conv2d(channels, channels, kernel, groups=channels)
 
     def forward(self, h_BCHW: torch.Tensor) -> torch.Tensor:
         a_BCGG = self.conv(h_BCHW)
@@ -74,7 +75,7 @@ class EfficientCapsNet(nn.Module):
         self.cfg = m
         layers, width = [], m.in_channels
         for c, k, s in zip(m.conv_channels, m.conv_kernels, m.conv_strides):
-            conv = nn.Conv2d(width, c, k, s)
+            conv = Conv2d(width, c, k, s)
             he_normal_(conv.weight, width * k * k)
             nn.init.zeros_(conv.bias)
             # Keras' BatchNormalization: momentum 0.99 (torch: 0.01), epsilon 1e-3

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capsctl.models.conv import Conv2d
 from capsctl.models.em_config import EMCapsNetConfig, SpreadLossConfig
 from capsctl.models.capsnet import Decoder, masked_decode
 from capsctl.models.em_routing import EMRouting, PatchSoftmax
@@ -76,8 +77,8 @@ class PrimaryMatrixCaps(nn.Module):
     def __init__(self, in_channels: int, types: int):
         super().__init__()
         self.types = types
-        self.pose = nn.Conv2d(in_channels, types * 16, 1)
-        self.act = nn.Conv2d(in_channels, types, 1)
+        self.pose = Conv2d(in_channels, types * 16, 1)
+        self.act = Conv2d(in_channels, types, 1)
 
     def forward(self, h):
         B, _, X, Y = h.shape
@@ -173,7 +174,7 @@ class EMCapsNet(nn.Module):
         super().__init__()
         self.cfg = m
         A, Bt, C, D = m.conv1_channels, m.primary_types, m.caps1_types, m.caps2_types
-        self.conv1 = nn.Conv2d(m.in_channels, A, CONV1_K, CONV1_S)
+        self.conv1 = Conv2d(m.in_channels, A, CONV1_K, CONV1_S)
         self.primary = PrimaryMatrixCaps(A, Bt)
         self.caps1 = ConvCaps(Bt, C, CAPS_K, STRIDES["caps1"], m)
         self.caps2 = ConvCaps(C, D, CAPS_K, STRIDES["caps2"], m)

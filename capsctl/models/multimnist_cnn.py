@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from capsctl.models.conv import Conv2d
 from capsctl.models.cnn_config import MultiMNISTCNNConfig
 from capsctl.models.cnn import classifier_head
 
@@ -35,7 +36,7 @@ class MultiMNISTCNN(nn.Module):
         self.cfg = m
         layers, channels, side = [], m.in_channels, m.input_size
         for width in m.channels:
-            layers += [nn.Conv2d(channels, width, KERNEL, padding=KERNEL // 2),
+            layers += [Conv2d(channels, width, KERNEL, padding=KERNEL // 2),
                        nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             channels, side = width, side // 2
         self.features = nn.Sequential(*layers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.profiler import record_function
 
 from capsctl import optim
 from capsctl.config import Config
@@ -39,12 +40,15 @@ def train_step(step_model: Callable, opt, batch: dict, task: str, losses_of: Cal
     """
     for group in opt.param_groups:
         group["lr"] = lr
-    with autocast(device, precision):
+    with autocast(device, precision), record_function("capsctl forward"):
         out = step_model(batch["x"], model_labels(batch, task))  # (B, 2) labels for pairs
-    losses = losses_of(out, batch, step)
+    with record_function("capsctl loss"):
+        losses = losses_of(out, batch, step)
     opt.zero_grad(set_to_none=True)
     skipped = skip_nonfinite and not bool(torch.isfinite(losses["total"]))
     if not skipped:
-        losses["total"].backward()
-        opt.step()
+        with record_function("capsctl backward"):
+            losses["total"].backward()
+        with record_function("capsctl optimizer"):
+            opt.step()
     return losses, out, skipped
