@@ -8,7 +8,9 @@ reports."""
 
 from __future__ import annotations
 
+import errno
 import io
+import json
 import os
 import pickle
 import struct
@@ -189,18 +191,25 @@ def run(tmp_path_factory):
     return base / "runs" / "tiny", root
 
 
-@pytest.mark.parametrize("where", ["argument", "folder", "npy"])
-def test_predict_refuses_a_fifo_without_waiting(tmp_path, run, where):
+def test_predict_refuses_a_fifo_without_waiting(tmp_path, run):
+    """A FIFO named as an image or an array, given itself or found in a folder: one line (exit
+    2) by default, an error row each with --keep-going; never a wait."""
     folder, _ = run
-    (tmp_path / "in").mkdir()
-    pipe = tmp_path / "in" / ("pipe.npy" if where == "npy" else "pipe.png")
-    os.mkfifo(pipe)
-    arg = tmp_path / "in" if where == "folder" else pipe
-    line = child_one_line(["predict", folder, arg], str(pipe), timeout=30)
+    for sub, name in (("a", "pipe.png"), ("b", "pipe.png"), ("c", "pipe.npy")):
+        (tmp_path / sub).mkdir()
+        os.mkfifo(tmp_path / sub / name)
+    pipes = [tmp_path / "a" / "pipe.png", tmp_path / "b" / "pipe.png", tmp_path / "c" / "pipe.npy"]
+    line = child_one_line(["predict", folder, tmp_path / "b"], str(pipes[1]), timeout=30)
     assert "a FIFO (named pipe), not a data file" in line
+    status, _, _, result = cli_in_child("predict", folder, pipes[0], tmp_path / "b", pipes[2],
+                                        "--keep-going", "--json", timeout=30)
+    assert status == 0 and result[0] == 0, result
+    rows = [json.loads(line) for line in result[1].splitlines() if line.startswith("{")]
+    assert [r["file"] for r in rows] == [str(p) for p in pipes]
+    assert all("a FIFO (named pipe), not a data file" in r["error"] for r in rows), rows
 
 
-# --- 4: CIFAR pickles ------------------------------------------------------------------------------
+# --- 4: CIFAR pickles -----------------------------------------------------------------------------
 
 class Call:
     """Pickles as a call of ``fn(*args)`` (what a hostile pickle can ask of the allowed names)."""
@@ -212,11 +221,18 @@ class Call:
         return self.fn, self.args
 
 
+def zero_labels(n: int) -> Call:
+    """n labels 0 in a few bytes: an int64 array of zero stride over one 8-byte buffer."""
+    return Call(np.ndarray, (n,), np.dtype("<i8"), bytes(8), 0, (0,))
+
+
 def zero_stride_batch(n: int) -> bytes:
     """The issue's batch: ``numpy.ndarray((n, 3072), uint8, b"\\x07", 0, (0, 0))``, an array
-    of n images over a 1-byte buffer, with n labels made by ``[0] * n`` in a few bytes."""
+    of n images over a 1-byte buffer, and n labels the same way: a file of a few hundred
+    bytes."""
     data = Call(np.ndarray, (n, 3072), np.dtype("u1"), b"\x07", 0, (0, 0))
-    return pickle.dumps({b"data": data, b"labels": [0] * 10, b"batch_label": b"x"}, protocol=2)
+    return pickle.dumps({b"data": data, b"labels": zero_labels(n), b"batch_label": b"x"},
+                        protocol=2)
 
 
 def cifar_root(tmp_path: Path, first_batch: bytes) -> tuple[Path, Path]:
@@ -239,9 +255,12 @@ CIFAR_CASES = {
     "float-label-1.7": (good_batch({b"labels": [0, 1.7, 2, 3]}),
                         "label 1.7 in 'labels' is not a whole number"),
     "buffer-shorter-than-declared": (pickle.dumps({b"data": Call(
-        np.ndarray, (4, 3072), np.dtype("u1"), b"\0" * 100)}, protocol=2), "100-byte buffer"),
-    "no-buffer": (pickle.dumps({b"data": Call(np.ndarray, (10 ** 6, 3072), np.dtype("u1"))},
-                               protocol=2), "without a bytes buffer"),
+        np.ndarray, (4, 3072), np.dtype("u1"), b"\0" * 100), b"labels": [0, 1, 2, 3]},
+        protocol=2), "100-byte buffer"),
+    "no-buffer-10^6-images": (pickle.dumps({b"data": Call(np.ndarray, (10 ** 6, 3072),
+                                                          np.dtype("u1")),
+                                            b"labels": zero_labels(10 ** 6)}, protocol=2),
+                              "without a bytes buffer"),
     "fortran-order": (good_batch({b"data": np.asfortranarray(np.zeros((4, 3072), np.uint8))}),
                       "not C-contiguous"),
 }
@@ -260,23 +279,55 @@ def test_a_hostile_cifar_pickle_is_one_line_before_any_allocation(tmp_path, case
     assert rss - base < 100, f"{rss - base:.0f} MB to refuse a {len(batch)}-byte batch"
 
 
-# --- 5: a full disk ---------------------------------------------------------------------------------
+# --- 5: a full disk -------------------------------------------------------------------------------
 
-def full_disk_for(which, monkeypatch) -> None:
-    """Temporary files of capsctl.checkpoint for which ``which(path)`` is true are written to
-    /dev/full: the kernel's ENOSPC, raised inside torch.save by its writes."""
+class FillingDisk(io.RawIOBase):
+    """A file on a disk with ``free`` bytes left: the writes fill it, then fail with ENOSPC,
+    as on a real full file system (torch.save then raises its RuntimeError)."""
+
+    def __init__(self, fd: int, free: int):
+        self.fd, self.free = fd, free
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, b) -> int:
+        n = min(len(b), self.free)
+        if len(b) and not n:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.free -= n
+        return os.write(self.fd, bytes(b)[:n])
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+
+def full_disk_for(which, monkeypatch, free: int = 4096) -> None:
+    """The temporary files of capsctl.checkpoint for which ``which(path)`` is true are written
+    to a disk with ``free`` bytes left (``FillingDisk``)."""
     from capsctl import checkpoint
 
-    real = tempfile.mkstemp
+    real_mkstemp, real_fdopen, doomed = tempfile.mkstemp, os.fdopen, set()
 
     def mkstemp(*args, **kwargs):
-        fd, name = real(*args, **kwargs)
+        fd, name = real_mkstemp(*args, **kwargs)
         if which(Path(name)):
-            os.close(fd)
-            fd = os.open("/dev/full", os.O_WRONLY)
+            doomed.add(fd)
         return fd, name
 
+    def fdopen(fd, mode="r", *args, **kwargs):
+        if fd in doomed and "w" in mode:
+            doomed.discard(fd)
+            return io.BufferedWriter(FillingDisk(fd, free))
+        return real_fdopen(fd, mode, *args, **kwargs)
+
     monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(checkpoint.os, "fdopen", fdopen)
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_naming_the_file_and_free_space(
@@ -301,9 +352,9 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_naming_the_file_and_free_space(
 def test_a_full_cache_folder_warns_once_and_the_run_goes_on(tmp_path, monkeypatch, recwarn):
     monkeypatch.setenv("CAPSCTL_CACHE", str(tmp_path / "cache"))
     full_disk_for(lambda p: p.parent.name == "folders", monkeypatch)   # the cache file only
-    root = tiny_folder(tmp_path / "pics")
-    cfg = write_yaml(tmp_path / "folder.yaml", TINY_CNN + "data: {name: folder, image_size: 8, "
-                     "val_size: 0, pad: 0, workers: 1}\n" + TINY_TRAIN)
+    root = tiny_folder(tmp_path / "pics")   # 12 images of 3 x 32 x 32: a 36 KB cache record,
+    cfg = write_yaml(tmp_path / "folder.yaml", TINY_CNN + "data: {name: folder, image_size: 32, "
+                     "val_size: 0, pad: 0, workers: 1}\n" + TINY_TRAIN)  # beyond write buffers
     r = cli("train", cfg, "--data-root", root, "--run-dir", tmp_path / "runs", "--no-progress")
     assert r.exit_code == 0, r.output
     said = r.output + "".join(f"\n{w.message}" for w in recwarn)  # printed, or a warning
@@ -313,7 +364,7 @@ def test_a_full_cache_folder_warns_once_and_the_run_goes_on(tmp_path, monkeypatc
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
-# --- 6: a picture that cannot be drawn at the end of a run ------------------------------------------
+# --- 6: a picture that cannot be drawn at the end of a run ----------------------------------------
 
 def test_a_run_of_1000_classes_ends_with_its_summary_not_the_picture(tmp_path, monkeypatch):
     """A folder of 1,000 classes: its confusion picture (16,000 px square) is skipped with one
@@ -340,7 +391,7 @@ def test_a_run_of_1000_classes_ends_with_its_summary_not_the_picture(tmp_path, m
     assert "test/class_accuracy/c0999" in rows
 
 
-# --- 13: predict --recon over existing pictures, a truncated last.pt --------------------------------
+# --- 13: predict --recon over existing pictures, a truncated last.pt ------------------------------
 
 def test_recon_does_not_overwrite_a_picture_without_force(tmp_path, run):
     folder, _ = run

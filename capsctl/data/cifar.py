@@ -21,14 +21,17 @@ import math
 import pickle
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from capsctl.data.idx import open_data
 from capsctl.data.image_sets_config import CIFAR10_CLASSES, CIFAR100_COARSE, CIFAR100_FINE
 from capsctl.data.mnist import resolve_root
-from capsctl.data.natural import hold_out_tail, image_bundle
 from capsctl.errors import DataError
+
+if TYPE_CHECKING:  # the readers are torch-free (their fuzz forks a child per case)
+    import torch
 
 MAX_FILE = 512 << 20   # CIFAR-100's training file, the largest, has 161 MB
 PIXELS = 3 * 32 * 32
@@ -241,6 +244,8 @@ def load_split(files: list[Path], label_key: str, n_classes: int):
 
 def _bundle(cfg, device: torch.device, root_flag: str | None, hundred: bool, label_key: str,
             n_classes: int):
+    from capsctl.data.natural import hold_out_tail, image_bundle
+
     o = cfg.data
     files = find_files(resolve_root(root_flag, o.root), hundred, o.download)
     tr_images, tr_labels = load_split(files["train"], label_key, n_classes)

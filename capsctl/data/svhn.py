@@ -18,14 +18,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from capsctl.data import matfile
 from capsctl.data.idx import GZIP_RATIO, MAX_BYTES
 from capsctl.data.mnist import resolve_root
-from capsctl.data.natural import hold_out_tail, image_bundle
 from capsctl.errors import DataError
+
+if TYPE_CHECKING:  # the readers are torch-free (their fuzz forks a child per case)
+    import torch
 
 HINT = "fetch it again"
 NUMERIC = frozenset({"double", "single", "int8", "uint8", "int16", "uint16", "int32", "uint32",
@@ -114,6 +117,8 @@ def _find(root: Path, part: str, download: bool) -> Path:
 def build_svhn(cfg, device: torch.device, root_flag: str | None = None):
     """``svhn``: train less its last data.val_size (plus all of extra with data.extra), val,
     test."""
+    from capsctl.data.natural import hold_out_tail, image_bundle
+
     o = cfg.data
     root = resolve_root(root_flag, o.root)
     tr_images, tr_labels = read_mat(_find(root, "train", o.download))
