@@ -37,9 +37,9 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
     try:
         write_atomically(path, {"format_version": FORMAT_VERSION, **state})
     except OSError as e:
-        raise TrainingError(f"cannot write checkpoint {path}: {e.strerror or e} "
-                            f"({free_space(path.parent)}); the previous checkpoint is intact - "
-                            "free space or fix permissions, then --resume") from None
+        raise TrainingError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous "
+                            f"checkpoint is intact - free space ({free_space(path.parent)} "
+                            "there) or fix permissions, then --resume") from None
 
 
 def free_space(folder: Path) -> str:
