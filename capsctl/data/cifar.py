@@ -20,7 +20,6 @@ import io
 import math
 import pickle
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,12 +56,12 @@ def _plain_dtype(*args) -> np.dtype:
     return d
 
 
-def _count(shape, path_what: str) -> int:
+def _count(shape, what: str) -> int:
     """The element count of a pickled ``shape`` (an int or a tuple of ints >= 0)."""
     dims = (shape,) if isinstance(shape, int) else shape
     if not isinstance(dims, tuple) or len(dims) > 32 or \
             not all(type(d) is int and d >= 0 for d in dims):
-        raise pickle.UnpicklingError(f"refusing {path_what} of shape {str(shape)[:80]}")
+        raise pickle.UnpicklingError(f"refusing {what} of shape {str(shape)[:80]}")
     return math.prod(dims)
 
 

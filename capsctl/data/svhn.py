@@ -17,7 +17,6 @@ numbers), integers 1-10. Any reading error is one DataError naming the file.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
