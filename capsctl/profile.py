@@ -7,7 +7,8 @@ Two views, both of the step ``capsctl bench`` times (``training.step.train_step`
    the step's part (train_step labels forward, loss, backward and optimizer with
    ``record_function``; their totals are listed apart, not added to the categories). oneDNN
    computes a convolution's backward-data and backward-weight in one operator; the
-   ``wgrad-gemm`` formulation labels its two halves, listed as parts too.
+   ``wgrad-gemm`` formulation labels its two halves (LABELS), and every operator run inside a
+   label counts to the label's category.
 2. Every convolution of the model on its own, at the step's shapes and precision, by the
    formulation it runs: forward, backward-data and backward-weight, each timed alone
    (``aten.convolution_backward`` with one output asked for), with its FLOPs and rate.
@@ -51,6 +52,9 @@ CATEGORIES = {
     "aten::to_mkldnn": "copies and layout reorders",
     "aten::_to_dense": "copies and layout reorders",
 }
+# labelled regions: every operator inside counts to the region's category
+LABELS = {conv_mod.PROFILE_DATA: "convolution backward-data",
+          conv_mod.PROFILE_WEIGHT: "convolution backward-weight"}
 OTHER = "elementwise and reductions (squash, softmax, ReLU, loss, ...)"
 PARTS = ("capsctl forward", "capsctl loss", "capsctl backward", "capsctl optimizer")
 
@@ -83,14 +87,23 @@ def step_profile(step: Callable[[], None], steps: int = 3) -> dict:
     cats: dict[str, float] = {}
     parts: dict[str, float] = {}
     for ev in prof.key_averages():
-        if ev.key in PARTS or ev.key in (conv_mod.PROFILE_DATA, conv_mod.PROFILE_WEIGHT):
+        if ev.key in PARTS or ev.key in LABELS:
             name = ev.key.removeprefix("capsctl ")
             parts[name] = parts.get(name, 0.0) + ev.cpu_time_total / 1e3 / steps
-            continue
-        name = category(ev.key)
+    for ev in prof.events():
+        name = _labelled(ev) or category(ev.name)
         cats[name] = cats.get(name, 0.0) + ev.self_cpu_time_total / 1e3 / steps
     cats = {k: v for k, v in sorted(cats.items(), key=lambda kv: -kv[1]) if v > 0.005}
     return {"wall_ms": 1e3 * wall, "categories": cats, "parts": parts}
+
+
+def _labelled(ev) -> str | None:
+    """The category of the labelled region (wgrad-gemm's backward halves) ``ev`` runs in."""
+    while ev is not None:
+        if ev.name in LABELS:
+            return LABELS[ev.name]
+        ev = ev.cpu_parent
+    return None
 
 
 @contextmanager
@@ -142,13 +155,14 @@ def conv_table(model: nn.Module, x: torch.Tensor, precision: str) -> list[dict]:
     rows = []
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     mods = dict(model.named_modules())
-    for name, shape in shapes.items():
-        conv = mods[name]
-        rows.append(_conv_row(name, conv, (x.shape[0], *shape[1:]), dtype, x.device))
+    for i, (name, shape) in enumerate(shapes.items()):
+        # the first convolution's input is the images: training never computes its gradient
+        rows.append(_conv_row(name, mods[name], (x.shape[0], *shape[1:]), dtype, x.device,
+                              with_data=i > 0))
     return rows
 
 
-def _conv_row(name: str, conv: nn.Conv2d, shape, dtype, device) -> dict:
+def _conv_row(name: str, conv: nn.Conv2d, shape, dtype, device, with_data: bool) -> dict:
     ran = conv_mod.choices(conv).get("", {}) if isinstance(conv, conv_mod.Conv2d) else {}
     how = ran.get("train", "onednn")
     fmt = torch.contiguous_format if how == "onednn" else torch.channels_last
@@ -166,7 +180,7 @@ def _conv_row(name: str, conv: nn.Conv2d, shape, dtype, device) -> dict:
 
     flops = conv_mod.forward_flops(conv, shape)
     fwd = _best_ms(lambda: torch.nn.functional.conv2d(xs, w, None, *args))
-    data = _best_ms(back([True, False, False]))
+    data = _best_ms(back([True, False, False])) if with_data else None
     if how == "wgrad-gemm":
         weight = _best_ms(lambda: conv_mod.weight_grad(gy, xs, conv.kernel_size, conv.stride,
                                                         conv.padding))
@@ -174,5 +188,6 @@ def _conv_row(name: str, conv: nn.Conv2d, shape, dtype, device) -> dict:
         weight = _best_ms(back([False, True, False]))
     return {"conv": name, "formulation": how, "input": list(shape), "gflop": flops / 1e9,
             "forward_ms": fwd, "backward_data_ms": data, "backward_weight_ms": weight,
-            "forward_gflops": flops / fwd / 1e6, "backward_data_gflops": flops / data / 1e6,
+            "forward_gflops": flops / fwd / 1e6,
+            "backward_data_gflops": flops / data / 1e6 if data else None,
             "backward_weight_gflops": flops / weight / 1e6}

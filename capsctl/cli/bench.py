@@ -85,6 +85,12 @@ def bench_table(r: dict) -> Table:
     return table
 
 
+def _ms_rate(c: dict, part: str) -> str:
+    if c[part + "_ms"] is None:
+        return "-"
+    return f"{c[part + '_ms']:.1f}; {c[part + '_gflops']:,.0f}"
+
+
 def profile_tables(prof: dict) -> list[Table]:
     """bench --profile: the step's time by category and part, and each convolution alone."""
     step = prof["step"]
@@ -97,16 +103,15 @@ def profile_tables(prof: dict) -> list[Table]:
         t1.add_row(name, f"{ms:.1f}", f"{ms / total:.0%}")
     t1.caption = "parts (inclusive): " + ", ".join(f"{k} {v:.0f} ms"
                                                     for k, v in step["parts"].items())
-    t2 = Table(title="each convolution alone, at the step's shapes (ms; GFLOP/s)",
-               title_justify="left")
+    t2 = Table(title="each convolution alone, at the step's shapes (ms; GFLOP/s; '-': not "
+                     "computed in training)", title_justify="left")
     for col in ("convolution", "formulation", "input", "GFLOP", "forward", "backward-data",
                 "backward-weight"):
         t2.add_column(col, justify="left" if col in ("convolution", "formulation") else "right")
     for c in prof["convolutions"]:
         t2.add_row(c["conv"], c["formulation"], "x".join(map(str, c["input"])),
                    f"{c['gflop']:.2f}",
-                   *(f"{c[k + '_ms']:.1f}; {c[k + '_gflops']:,.0f}"
-                     for k in ("forward", "backward_data", "backward_weight")))
+                   *(_ms_rate(c, k) for k in ("forward", "backward_data", "backward_weight")))
     return [t1, t2]
 
 

@@ -160,7 +160,8 @@ class _WgradGemm(torch.autograd.Function):
             with record_function(PROFILE_WEIGHT):
                 g_w = weight_grad(g, x_c, w_c.shape[2:], stride, padding).to(w_dtype)
         if has_bias and ctx.needs_input_grad[2]:
-            g_b = g.to(torch.promote_types(g.dtype, torch.float32)).sum((0, 2, 3)).to(w_dtype)
+            wide = torch.promote_types(g.dtype, torch.float32)
+            g_b = g.to(wide).sum((0, 2, 3)).to(w_dtype)
         return g_x, g_w, g_b, None, None, None
 
 
