@@ -107,9 +107,10 @@ def candidates(conv: nn.Conv2d, train: bool) -> tuple[str, ...]:
 # --- the formulations -----------------------------------------------------------------------
 
 def weight_grad(g_BOhw: torch.Tensor, x_BCHW: torch.Tensor, kernel, stride, padding
-                 ) -> torch.Tensor:
+                ) -> torch.Tensor:
     """dL/dW (O, C, k, l) in fp32 (fp64 for fp64 inputs) as sum over chunks of examples of
-    g_MO^T @ cols_MF, the im2col matrix a strided view of the NHWC input copied one chunk at a time."""
+    g_MO^T @ cols_MF, the im2col matrix a strided view of the NHWC input copied one chunk at a
+    time."""
     B, O, h, w = g_BOhw.shape
     C = x_BCHW.shape[1]
     (k, l), (sh, sw), (ph, pw) = kernel, stride, padding
