@@ -34,7 +34,7 @@ from capsctl.evaluate import model_labels
 from capsctl.models import build_model, count_parameters, loss_fn
 from capsctl.models import conv as conv_mod, routing_kernel
 from capsctl.models.capsnet import CapsNet
-from capsctl.models.capsules import RoutedCapsules
+from capsctl.models.routing.dynamic import RoutedCapsules
 from capsctl.training.step import build_optimizer, lr_at, train_step
 
 

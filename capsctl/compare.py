@@ -146,8 +146,14 @@ def routing_of(model: dict) -> str | None:
     """The routing a model section names: ``model.routing`` (capsnet), else the family's own."""
     name = model.get("name")
     if name == "capsnet":
-        return str(model.get("routing", "dynamic"))
+        return str(_routing_name(model))
     return NO_ROUTING.get(name) if isinstance(name, str) else None
+
+
+def _routing_name(model: dict):
+    """``model.routing.name`` (or the name alone: ``model.routing: dynamic``, format 2)."""
+    routing = model.get("routing", "dynamic")
+    return routing.get("name") if isinstance(routing, dict) else routing
 
 
 def read_run(folder: Path, count_parameters: bool = True) -> RunRow:
@@ -174,7 +180,7 @@ def _fill(row: RunRow, folder: Path, count_parameters: bool) -> None:
     config = _read_config(folder / CONFIG_FILE)
     model, data, train = (_section(config, s) for s in ("model", "data", "train"))
     for section, key, value in (("model", "name", model.get("name")),
-                                ("model", "routing", model.get("routing")),
+                                ("model", "routing", _routing_name(model)),
                                 ("data", "name", data.get("name"))):
         if value is not None and not isinstance(value, str):
             raise Unreadable(f"{CONFIG_FILE}: {section}.{key} is {str(value)[:40]}, not a name")

@@ -211,6 +211,8 @@ def from_dict(data: Any, *, source: str = "config") -> Config:
 def set_key(cfg: Config, key: str, value: Any) -> None:
     """Set ``section.key`` on a built config (the family and dataset cannot change)."""
     parts = key.split(".")
+    if len(parts) == 3 and parts[0] in SECTIONS:  # a key of a nested section: model.routing.KEY
+        parts, value = parts[:2], {parts[2]: value}
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise ConfigError(f"unknown config key '{key}'; keys look like 'section.key' with "
                           f"section one of {', '.join(SECTIONS)}")
@@ -338,7 +340,10 @@ def dump(cfg: Config) -> str:
 def _rows(section: str, cls: type) -> list[tuple[str, str, str]]:
     rows = []
     for f in dataclasses.fields(cls):
-        shown = yaml.safe_dump(default_of(f), default_flow_style=True).strip()
+        default = default_of(f)
+        if f.metadata.get("nested"):  # a nested section: its name here, its keys in their tables
+            default = default.name
+        shown = yaml.safe_dump(default, default_flow_style=True).strip()
         rows.append((f"{section}.{f.name}", shown.removesuffix("...").strip(),
                      f.metadata["help"]))
     return rows
@@ -350,6 +355,9 @@ def reference() -> list[tuple[str, list[tuple[str, str, str]]]]:
     tables = []
     for name, spec in MODELS.items():
         tables.append((f"model: {name} - {spec.summary}", _rows("model", spec.config)))
+        for f in dataclasses.fields(spec.config):  # nested sections: a table per variant
+            for title, cls in f.metadata.get("variants", list)():
+                tables.append((f"model.{f.name}: {title}", _rows(f"model.{f.name}", cls)))
         tables.append((f"loss: {name}", _rows("loss", spec.loss_config)))
     for name in TRAINING:
         tables.append((f"data: {name} - {DATASETS[name].summary}",

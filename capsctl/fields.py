@@ -102,10 +102,15 @@ def set_field(obj: Any, section: str, name: str, value: Any) -> None:
     name is an error listing the section's keys."""
     cls = type(obj)
     hints = typing.get_type_hints(cls)
+    if name not in hints and hasattr(obj, "moved_key"):  # an old key, now in a nested section
+        name, value = obj.moved_key(name, value)
     if name not in hints:
         keys = field_names(cls)
         raise ConfigError(f"unknown config key '{section}.{name}'"
                           f"{suggest(f'{section}.{name}', [f'{section}.{k}' for k in keys])}; "
                           f"{section} keys: {', '.join(keys)}")
     meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
+    if meta.get("nested"):  # a section of its own (model.routing): its setter checks the keys
+        setattr(obj, name, meta["nested"](f"{section}.{name}", value, getattr(obj, name)))
+        return
     setattr(obj, name, coerce(f"{section}.{name}", value, hints[name], meta))

@@ -1,6 +1,11 @@
 """Checkpoint format 1 (capsctl 0.1: one flat ``model``/``loss``/``data`` bag for every family)
 to format 2 (capsctl 0.2: the sections of the chosen family and dataset). Torch-free.
 
+Format 2's flat routing keys of capsnet (``routing: dynamic``, ``routing_iterations``,
+``class_bias``, ``leaky_routing``) are read by the config loader itself, key by key, into the
+``model.routing`` section (``models/routing.from_flat``; a YAML file and ``--set`` may still use
+them), so a format-2 checkpoint needs no step of its own.
+
 Only the stored config changes between the formats; the weights, optimizer state and training
 position are the same, so a migrated checkpoint evaluates and resumes with the same numbers.
 """
@@ -12,6 +17,7 @@ from typing import Any
 from capsctl.data.registry import DATASETS
 from capsctl.fields import field_names
 from capsctl.models.registry import MODELS
+from capsctl.models.routing import FLAT_KEYS
 
 # format-1 key -> format-2 key, per family / dataset; keys not listed keep their name, and keys
 # the family or dataset does not have are dropped (format 1 stored every family's defaults)
@@ -24,6 +30,9 @@ _MODEL_KEYS = {
     "cnn": {"cnn_channels": "channels", "cnn_hidden": "hidden", "cnn_pool": "pool"},
     "multimnist-cnn": {"cnn_channels": "channels", "cnn_hidden": "hidden"},
 }
+# format-2 keys that are no longer fields of their family: capsnet's flat routing keys, which
+# the config loader moves into model.routing (``routing.from_flat``)
+_FLAT_KEYS = {"capsnet": list(FLAT_KEYS)}
 _LOSS_KEYS = {"em-capsnet": {"spread_m_start": "m_start", "spread_m_end": "m_end",
                              "spread_m_steps": "m_steps"}}
 _DATA_KEYS = {"multimnist": {"multimnist_shift": "shift", "multimnist_pad": "pad",
@@ -65,7 +74,7 @@ def config_v1_to_v2(cfg: Any) -> Any:
     data_drop = {"shift"} if dataset == "multimnist" else set()
     out = dict(cfg)
     out["model"] = _section(cfg.get("model"), _MODEL_KEYS.get(family, {}),
-                            field_names(spec.config))
+                            field_names(spec.config) + _FLAT_KEYS.get(family, []))
     out["loss"] = _section(cfg.get("loss"), _LOSS_KEYS.get(family, {}),
                            field_names(spec.loss_config))
     data = _section(cfg.get("data"), _DATA_KEYS.get(dataset, {}), field_names(dspec.options),

@@ -97,7 +97,7 @@ def work(tmp_path_factory) -> Path:
     _config(w, "type.yaml", "train:\n  batch_size: many\n")
     _config(w, "lr.yaml", "optim:\n  lr: -0.001\n")
     _config(w, "batch.yaml", "train:\n  batch_size: 0\n")
-    _config(w, "routing.yaml", "model:\n  routing_iterations: 0\n")
+    _config(w, "routing.yaml", "model:\n  routing:\n    iterations: 0\n")
     _config(w, "shift.yaml", "data:\n  shift: -2\n")
     _config(w, "empty.yaml", "")
     _config(w, "comments.yaml", "# nothing but a comment\n")
@@ -178,7 +178,7 @@ CASES = [
     ("wrong-type", TRAIN + ["{w}/cfg/type.yaml"], "'train.batch_size' must be an integer"),
     ("negative-lr", TRAIN + ["{w}/cfg/lr.yaml"], "'optim.lr' must be > 0"),
     ("zero-batch", TRAIN + ["{w}/cfg/batch.yaml"], "'train.batch_size' must be >= 1"),
-    ("routing-0", TRAIN + ["{w}/cfg/routing.yaml"], "'model.routing_iterations' must be >= 1"),
+    ("routing-0", TRAIN + ["{w}/cfg/routing.yaml"], "'model.routing.iterations' must be >= 1"),
     ("negative-shift", TRAIN + ["{w}/cfg/shift.yaml"], "'data.shift' must be >= 0"),
     ("missing-yaml", TRAIN + ["{w}/cfg/nowhere.yaml"], "config file not found"),
     ("empty-yaml", TRAIN + ["{w}/cfg/empty.yaml"], "the config file is empty"),
@@ -192,7 +192,7 @@ CASES = [
      "unknown config key 'optim.learning_rate'"),
     ("set-no-equals", TRAIN + ["{w}/tiny.yaml", "--set", "optim.lr"], "section.key=value"),
     ("set-markup", ["config", "--set", 'train.device="[/bold]"'], "'train.device' must be"),
-    ("config-cmd", ["config", "{w}/cfg/routing.yaml"], "'model.routing_iterations' must be >= 1"),
+    ("config-cmd", ["config", "{w}/cfg/routing.yaml"], "'model.routing.iterations' must be >= 1"),
     # data
     ("data-missing", ["train", "{w}/tiny.yaml", "--run-dir", "{w}/runs", "--name", "d1",
                       "--data-root", "{w}/data/empty"], "MNIST train files missing"),

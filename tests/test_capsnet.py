@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from capsctl.config import from_dict
 from capsctl.models import build_model, count_parameters
-from capsctl.models.capsules import PrimaryCaps, RoutedCapsules, route, squash
+from capsctl.models.capsules import PrimaryCaps, squash
+from capsctl.models.routing.dynamic import RoutedCapsules, route
 from capsctl.models.losses import capsnet_losses, margin_loss, reconstruction_sse
 from conftest import tiny_config
 

@@ -96,7 +96,7 @@ def test_version_and_config_reference():
     r = cli("--version")
     assert r.exit_code == 0 and r.stdout.startswith("capsctl ")
     r = cli("config", "--reference")
-    assert "`train.batch_size`" in r.stdout and "`model.routing_iterations`" in r.stdout
+    assert "`train.batch_size`" in r.stdout and "`model.routing.iterations`" in r.stdout
 
 
 def test_usage_errors_are_one_line_with_a_help_hint():

@@ -147,8 +147,8 @@ def test_every_point_is_checked_before_anything_trains(tmp_path):
     with pytest.raises(CapsctlError, match="sweep point routing=uniform: .*routing_iterations"):
         sweep.grid(path, axes)
     points = sweep.grid(path, sweep.parse_vary(["model.routing=dynamic,inverted-dot-product"]))
-    assert [p.cfg.model.routing for p in points] == ["dynamic", "inverted-dot-product"]
-    assert all(p.cfg.model.routing_iterations == 2 for p in points)
+    assert [p.cfg.model.routing.name for p in points] == ["dynamic", "inverted-dot-product"]
+    assert all(p.cfg.model.routing.iterations == 2 for p in points)
 
 
 # --- sweep: running, interrupting, continuing --------------------------------------------------

@@ -30,7 +30,8 @@ def test_paper_config_is_the_paper(repo_configs=None):
     cfg = C.load(Path(__file__).parents[1] / "configs" / "mnist.yaml")
     m = cfg.model
     assert (m.conv1_channels, m.conv1_kernel, m.primary_types, m.primary_dim) == (256, 9, 32, 8)
-    assert (m.primary_kernel, m.primary_stride, m.class_dim, m.routing_iterations) == (9, 2, 16, 3)
+    assert (m.primary_kernel, m.primary_stride, m.class_dim) == (9, 2, 16)
+    assert (m.routing.name, m.routing.iterations, m.routing.class_bias) == ("dynamic", 3, False)
     assert m.decoder_hidden == [512, 1024]
     assert (cfg.loss.m_plus, cfg.loss.m_minus, cfg.loss.down_weight) == (0.9, 0.1, 0.5)
     assert cfg.loss.recon_weight == 0.0005
@@ -46,7 +47,11 @@ def test_paper_config_is_the_paper(repo_configs=None):
     ("train:\n  epochs: true\n", "'train.epochs' must be an integer"),
     ("optim:\n  lr: -0.1\n", "'optim.lr' must be > 0"),
     ("train:\n  batch_size: 0\n", "'train.batch_size' must be >= 1"),
-    ("model:\n  routing_iterations: 0\n", "'model.routing_iterations' must be >= 1"),
+    ("model:\n  routing:\n    iterations: 0\n", "'model.routing.iterations' must be >= 1"),
+    ("model:\n  routing_iterations: 0\n", "'model.routing.iterations' must be >= 1"),
+    ("model:\n  routing:\n    name: uniform\n    iterations: 2\n",
+     "'model.routing.iterations' (formerly model.routing_iterations) is not an option of routing "
+     "uniform (it belongs to dynamic, inverted-dot-product); uniform takes: class_bias"),
     ("data:\n  shift: -1\n", "'data.shift' must be >= 0"),
     ("train:\n  precision: fp8\n", "must be one of fp32, bf16"),
     ("- a\n- b\n", "top level must be a mapping"),
@@ -58,7 +63,7 @@ def test_paper_config_is_the_paper(repo_configs=None):
     ("model:\n  name: capsnett\n", "did you mean 'capsnet'"),
     ("data:\n  name: affnist\n", "an evaluation-only dataset"),
     ("model:\n  name: em-capsnet\n  em_iterations: 2\n", "did you mean 'model.iterations'"),
-    ("model:\n  name: cnn\n  routing_iterations: 2\n", "(it belongs to capsnet)"),
+    ("model:\n  name: cnn\n  routing: uniform\n", "(it belongs to capsnet)"),
 ])
 def test_bad_yaml_names_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError) as e:
@@ -121,9 +126,14 @@ def test_reference_covers_every_key():
     from capsctl.fields import field_names
     from capsctl.models.registry import MODELS
 
+    from capsctl.models.routing import ROUTINGS
+
     expected = []
     for name, spec in MODELS.items():
         expected.append((f"model: {name}", "model", spec.config))
+        if name == "capsnet":  # a table per routing: model.routing's keys
+            expected += [(f"model.routing: {r}", "model.routing", s.options)
+                         for r, s in ROUTINGS.items()]
         expected.append((f"loss: {name}", "loss", spec.loss_config))
     expected += [(f"data: {n}", "data", DATASETS[n].options) for n in TRAINING]
     expected += [("optim", "optim", C.OptimConfig), ("train", "train", C.TrainConfig)]

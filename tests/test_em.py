@@ -16,7 +16,7 @@ from capsctl.errors import ConfigError
 from capsctl.models import MODELS, build_model, loss_fn
 from capsctl.models.em_capsnet import (ClassCaps, EMCapsNet, coordinate_offsets, em_losses,
                                        grid_sizes, patch_child_index, spread_loss, spread_margin)
-from capsctl.models.em_routing import (PatchSoftmax, e_step_logits, em_routing,
+from capsctl.models.routing.em import (PatchSoftmax, e_step_logits, em_routing,
                                        inverse_temperatures, m_step)
 from conftest import tiny_config
 

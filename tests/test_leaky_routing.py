@@ -1,4 +1,4 @@
-"""Leaky routing (``model.leaky_routing``, dynamic only): the layer against a per-example loop
+"""Leaky routing (``model.routing.leaky``, dynamic only): the layer against a per-example loop
 of its equations, the "none-of-the-above" mass, the default path unchanged, the config check,
 the state-dict keys shared with RoutedCapsules, and two training steps."""
 
@@ -13,7 +13,8 @@ import torch
 from capsctl.config import from_dict
 from capsctl.errors import ConfigError
 from capsctl.models import build_model
-from capsctl.models.capsules import RoutedCapsules, squash
+from capsctl.models.capsules import squash
+from capsctl.models.routing.dynamic import RoutedCapsules
 from capsctl.models.routing.leaky import LeakyRoutedCapsules
 from conftest import tiny_config
 
@@ -109,9 +110,10 @@ def test_a_child_can_route_to_no_parent():
 @pytest.mark.parametrize("bias", [False, True])
 def test_leaky_false_is_routed_capsules_and_the_state_dicts_match(bias):
     torch.manual_seed(0)
-    plain = build_model(tiny_config(model={"class_bias": bias}).model).eval()
+    plain = build_model(tiny_config(model={"routing": {"class_bias": bias}}).model).eval()
     torch.manual_seed(0)
-    leaky = build_model(tiny_config(model={"class_bias": bias, "leaky_routing": True}).model)
+    leaky = build_model(tiny_config(model={"routing": {"class_bias": bias, "leaky": True}}
+                                    ).model)
     assert type(plain.digits) is RoutedCapsules
     assert isinstance(leaky.digits, LeakyRoutedCapsules)
     assert plain.state_dict().keys() == leaky.state_dict().keys()
@@ -127,10 +129,10 @@ def test_leaky_false_is_routed_capsules_and_the_state_dicts_match(bias):
 
 
 def test_plain_dynamic_is_untouched_by_the_option():
-    """leaky_routing false builds RoutedCapsules, which gives what the C kernel gives."""
+    """leaky false builds RoutedCapsules, which gives what the C kernel gives."""
     torch.manual_seed(1)
     model = build_model(tiny_config().model).eval()
-    assert model.cfg.leaky_routing is False and type(model.digits) is RoutedCapsules
+    assert model.cfg.routing.leaky is False and type(model.digits) is RoutedCapsules
     torch.manual_seed(1)
     ref = RoutedCapsules(model.num_primary, 10, 4, 6, 3)
     ref.W_IJDP.data.copy_(model.digits.W_IJDP.data)
@@ -143,25 +145,29 @@ def test_plain_dynamic_is_untouched_by_the_option():
 
 
 @pytest.mark.parametrize("routing", ["uniform", "self-attention", "inverted-dot-product"])
-def test_leaky_routing_with_another_routing_is_refused_in_one_line(routing):
-    with pytest.raises(ConfigError) as e:
-        from_dict({"model": {"routing": routing, "leaky_routing": True}})
-    msg = str(e.value)
-    assert "\n" not in msg and f"model.routing={routing}" in msg
-    assert "model.leaky_routing" in msg
-    assert from_dict({"model": {"routing": routing, "leaky_routing": False}}).model.routing \
-        == routing
+def test_leaky_with_another_routing_is_refused_in_one_line(routing):
+    for doc in ({"routing": {"name": routing, "leaky": True}},
+                {"routing": routing, "leaky_routing": True}):        # the flat key of format 2
+        with pytest.raises(ConfigError) as e:
+            from_dict({"model": doc})
+        msg = str(e.value)
+        assert "\n" not in msg and f"is not an option of routing {routing}" in msg
+        assert "'model.routing.leaky'" in msg and "(it belongs to dynamic)" in msg
+    # format 2 listed every flat key: leaky_routing false is what every routing did
+    assert from_dict({"model": {"routing": routing, "leaky_routing": False}}
+                     ).model.routing.name == routing
 
 
 def test_config_reads_the_option():
-    assert from_dict({}).model.leaky_routing is False
-    assert from_dict({"model": {"leaky_routing": True}}).model.leaky_routing is True
+    assert from_dict({}).model.routing.leaky is False
+    assert from_dict({"model": {"routing": {"leaky": True}}}).model.routing.leaky is True
+    assert from_dict({"model": {"leaky_routing": True}}).model.routing.leaky is True
 
 
 def test_tiny_capsnet_with_leaky_routing_trains(tmp_path, fake_mnist):
     from capsctl.training import prepare_run_dir, train
 
-    cfg = tiny_config(model={"leaky_routing": True}, train={"max_steps": 2, "log_every": 1})
+    cfg = tiny_config(model={"routing": {"leaky": True}}, train={"max_steps": 2, "log_every": 1})
     folder = prepare_run_dir(tmp_path / "runs", "leaky", force=False)
     summary = train(cfg, folder, torch.device("cpu"), data_root=str(fake_mnist),
                     show_progress=False)

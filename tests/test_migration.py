@@ -21,6 +21,7 @@ from capsctl.errors import ConfigError
 from capsctl.fields import field_names
 from capsctl.migrate import config_v1_to_v2
 from capsctl.models.registry import MODELS
+from capsctl.models.routing import FLAT_KEYS
 from conftest import REPO, write_fake_mnist
 
 FIXTURES = REPO / "tests" / "fixtures" / "format1"
@@ -71,7 +72,7 @@ def test_fixture_loads_as_format_2_with_a_valid_config(name):
     cfg = checkpoint.config_of(state, FIXTURES / name)
     family, model_keys, loss_keys = FIXTURE_KEYS[name]
     assert cfg.model.name == family and cfg.data.name == "mnist"
-    assert set(state["config"]["model"]) <= set(field_names(MODELS[family].config))
+    assert set(state["config"]["model"]) <= set(format_2_keys(family))
     for key, value in model_keys.items():
         assert getattr(cfg.model, key) == value, key
     for key, value in loss_keys.items():
@@ -162,6 +163,23 @@ V1 = {
 }
 FILES = {"root": "/data/x", "download": True, "val_size": 100}
 
+def format_2_keys(family: str) -> list[str]:
+    """The model keys of format 2: the family's fields, and capsnet's flat routing keys (the
+    loader moves them into model.routing)."""
+    flat = [k for k in FLAT_KEYS if family == "capsnet"]
+    return [k for k in field_names(MODELS[family].config) if k != "routing" or not flat] + \
+        (["routing", *flat] if flat else [])
+
+
+def as_loaded(family: str, model: dict) -> dict:
+    """A format-2 model section as the loader makes it: capsnet's routing keys nested."""
+    if family != "capsnet":
+        return model
+    routing = {"name": model["routing"],
+               **{FLAT_KEYS[k][0]: v for k, v in model.items() if k in FLAT_KEYS}}
+    return {**{k: v for k, v in model.items() if k not in FLAT_KEYS}, "routing": routing}
+
+
 # keys a family gained after format 1, with the default that does what 0.1 did: a migrated
 # checkpoint takes these (a key added to a format-1 family must be listed here)
 ADDED_SINCE_FORMAT_1 = {"capsnet": {"routing": "dynamic", "leaky_routing": False}}
@@ -230,8 +248,8 @@ def test_every_renamed_key_lands_where_it_belongs(case, reverse):
     # the keys the family gained since
     cfg = from_dict(new, source="migrated")
     added = ADDED_SINCE_FORMAT_1.get(family, {})
-    assert to_dict(cfg)["model"] == {**model, **added}
-    assert set(model) | set(added) == set(field_names(MODELS[family].config))
+    assert to_dict(cfg)["model"] == as_loaded(family, {**model, **added})
+    assert set(model) | set(added) == set(format_2_keys(family))
     assert to_dict(cfg)["loss"] == want["loss"]
     assert to_dict(cfg)["data"] == {"name": dataset, **want["data"]}
     assert to_dict(cfg)["optim"] == V1["optim"] and to_dict(cfg)["train"] == V1["train"]

@@ -35,7 +35,8 @@ SECTION_CLASS = {"model": lambda n: MODELS[n].config, "loss": lambda n: MODELS[n
 
 
 def _default(cls: type, key: str):
-    return default_of({f.name: f for f in dataclasses.fields(cls)}[key])
+    value = default_of({f.name: f for f in dataclasses.fields(cls)}[key])
+    return value.name if dataclasses.is_dataclass(value) else value  # model.routing: its name
 
 
 def foreign_keys(section: str) -> list[tuple[str, str, str, object]]:
@@ -153,7 +154,7 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize("section,case", [
-    ("model", ("cnn", "capsnet", "routing_iterations", 3)),
+    ("model", ("cnn", "capsnet", "routing", "dynamic")),
     ("model", ("capsnet", "em-capsnet", "inverse_temperature", 0.01)),
     ("loss", ("em-capsnet", "capsnet", "m_plus", 0.9)),
     ("loss", ("multimnist-cnn", "em-capsnet", "m_steps", 10000)),

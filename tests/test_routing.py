@@ -11,7 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from capsctl.models import routing_kernel
-from capsctl.models.capsules import RoutedCapsules, route, squash
+from capsctl.models.capsules import squash
+from capsctl.models.routing.dynamic import RoutedCapsules, route
 
 B, I, J, P, D = 3, 7, 4, 5, 6
 
@@ -187,7 +188,7 @@ def test_no_tensor_of_size_B_I_J_D_P_and_memory_linear_in_batch(torch_path):
 
 def _per_example_chunks(monkeypatch, examples: int, I_=I, J_=J, D_=D):
     """Make PredictAndRoute cut the batch into chunks of ``examples`` (fp32)."""
-    import capsctl.models.capsules as caps
+    import capsctl.models.routing.dynamic as caps
     monkeypatch.setattr(caps, "CHUNK_BYTES", examples * J_ * I_ * D_ * 4)
 
 
@@ -201,7 +202,7 @@ def test_batch_chunked_layer_equals_the_loop_reference(torch_path, monkeypatch, 
 
 
 def test_batch_chunked_layer_passes_gradcheck_in_float64(monkeypatch):
-    import capsctl.models.capsules as caps
+    import capsctl.models.routing.dynamic as caps
     monkeypatch.setattr(caps, "CHUNK_BYTES", 2 * 2 * 5 * 4 * 8)  # 2 examples of float64
     torch.manual_seed(3)
     u = torch.randn(5, 5, 3, dtype=torch.float64, requires_grad=True)
@@ -236,7 +237,7 @@ def test_the_cuda_plan_whole_batch_and_kept_u_hat_equals_the_reference(torch_pat
     """On CUDA the layer routes the whole batch as one chunk and keeps u_hat for the backward
     (no recompute); that branch, run here on the CPU, gives the reference's values and
     gradients."""
-    import capsctl.models.capsules as caps
+    import capsctl.models.routing.dynamic as caps
     monkeypatch.setattr(caps, "chunk_plan", lambda device, B_, *rest: (B_, True))
     layer, u = _layer(3, bias=True)
     _assert_layer_equals_reference(layer, u, 3, bias=True)

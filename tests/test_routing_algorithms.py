@@ -13,10 +13,12 @@ import torch.nn.functional as F
 
 from capsctl.config import from_dict
 from capsctl.errors import ConfigError
+from capsctl.fields import field_names
 from capsctl.models import build_model, count_parameters
-from capsctl.models.capsules import RoutedCapsules, squash
-from capsctl.models.routing import ROUTING_KEYS, ROUTINGS
+from capsctl.models.capsules import squash
+from capsctl.models.routing import FLAT_KEYS, ROUTINGS
 from capsctl.models.routing import build as build_routing
+from capsctl.models.routing.dynamic import RoutedCapsules
 from capsctl.models.routing.inverted import InvertedDotProductRouting
 from capsctl.models.routing.self_attention import SelfAttentionRouting
 from conftest import tiny_config
@@ -116,9 +118,9 @@ def _check(v, cs, v_ref, c_ref, g, g_ref, tol=1e-5):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_uniform_equals_its_loop(device, bias):
-    cfg = tiny_config(model={"routing": "uniform", "class_bias": bias}).model
+    cfg = tiny_config(model={"routing": {"name": "uniform", "class_bias": bias}}).model
     torch.manual_seed(0)
-    layer = build_routing("uniform", I, J, P, D, cfg).to(device)
+    layer = build_routing(cfg.routing, I, J, P, D, cfg.transform_init_std).to(device)
     assert isinstance(layer, RoutedCapsules) and layer.iterations == 1  # the kernel's layer
     with torch.no_grad():
         layer.W_IJDP.normal_(0, 0.5)
@@ -194,7 +196,7 @@ def _with_W(layer, W_IJDP, u_BIP):
 def test_bf16_autocast_is_close_to_fp32(name):
     cfg = tiny_config(model={"routing": name}).model
     torch.manual_seed(0)
-    layer = build_routing(name, 64, 10, 8, 16, cfg)
+    layer = build_routing(cfg.routing, 64, 10, 8, 16, cfg.transform_init_std)
     with torch.no_grad():
         layer.W_IJDP.normal_(0, 0.3)
     u = squash(torch.randn(4, 64, 8) * 2)
@@ -207,21 +209,73 @@ def test_bf16_autocast_is_close_to_fp32(name):
 
 # --- the config --------------------------------------------------------------------------------
 
-def test_each_routing_declares_keys_it_reads_and_refuses_the_others():
+ALL_OPTIONS = sorted({k for s in ROUTINGS.values() for k in field_names(s.options)} - {"name"})
+
+
+def test_each_routing_has_exactly_its_options_and_refuses_the_others():
+    """A key of another routing is one line naming the routing it belongs to; the routing's
+    own keys are listed."""
+    assert ALL_OPTIONS == ["class_bias", "iterations", "leaky"]
     for name, spec in ROUTINGS.items():
-        assert set(spec.keys) <= set(ROUTING_KEYS)
-        assert from_dict({"model": {"routing": name}}).model.routing == name  # defaults pass
-        for key in ROUTING_KEYS:
-            value = 2 if key == "routing_iterations" else True
-            raw = {"model": {"routing": name, key: value}}
-            if key in spec.keys:
-                assert getattr(from_dict(raw).model, key) == value
+        assert from_dict({"model": {"routing": name}}).model.routing == spec.options()
+        own = [k for k in field_names(spec.options) if k != "name"]
+        for key in ALL_OPTIONS:
+            value = 2 if key == "iterations" else True
+            raw = {"model": {"routing": {"name": name, key: value}}}
+            if key in own:
+                assert getattr(from_dict(raw).model.routing, key) == value
                 continue
             with pytest.raises(ConfigError) as e:
                 from_dict(raw)
             msg = str(e.value)
-            assert "\n" not in msg and f"model.routing={name}" in msg and f"model.{key}" in msg
-            assert all(f"model.{k}" in msg for k in spec.keys)
+            owners = [n for n, s in ROUTINGS.items() if key in field_names(s.options)]
+            assert "\n" not in msg and f"'model.routing.{key}'" in msg
+            assert f"is not an option of routing {name} (it belongs to {', '.join(owners)})" \
+                in msg
+            assert msg.endswith(f"{name} takes: {', '.join(own) or 'no keys but name'}")
+
+
+@pytest.mark.parametrize("name", list(ROUTINGS))
+def test_format_2_flat_keys_land_in_the_routing(name):
+    """configs and checkpoints of format 2 keep loading: the flat keys at the value every
+    routing took pass for every routing; away from it, they are the routing's own key (or
+    refused, as before)."""
+    own = field_names(ROUTINGS[name].options)
+    flat = {"routing": name, "routing_iterations": 3, "class_bias": False,
+            "leaky_routing": False}
+    assert from_dict({"model": flat}).model.routing == ROUTINGS[name].options()
+    for key, (new, _) in FLAT_KEYS.items():
+        value = 2 if key == "routing_iterations" else True
+        raw = {"model": {**flat, key: value}}
+        if new in own:
+            assert getattr(from_dict(raw).model.routing, new) == value
+        else:
+            with pytest.raises(ConfigError, match=f"'model.routing.{new}'.*not an option"):
+                from_dict(raw)
+
+
+def test_a_routing_key_on_the_command_line():
+    from capsctl.config import load
+
+    cfg = load(None, ["model.routing=inverted-dot-product", "model.routing.iterations=2"])
+    assert cfg.model.routing == ROUTINGS["inverted-dot-product"].options(iterations=2)
+    assert load(None, ["model.routing_iterations=1"]).model.routing.iterations == 1
+    with pytest.raises(ConfigError, match="it belongs to dynamic, inverted-dot-product"):
+        load(None, ["model.routing=self-attention", "model.routing.iterations=2"])
+
+
+def test_switching_routing_keeps_the_keys_both_have():
+    """A sweep over model.routing keeps the file's iterations where the routing has them."""
+    from capsctl.config import set_key
+
+    cfg = from_dict({"model": {"routing": {"iterations": 3, "class_bias": True}}})
+    set_key(cfg, "model.routing", "uniform")             # iterations at dynamic's default
+    assert cfg.model.routing == ROUTINGS["uniform"].options(class_bias=True)
+    cfg = from_dict({"model": {"routing": {"iterations": 2}}})
+    set_key(cfg, "model.routing", "inverted-dot-product")
+    assert cfg.model.routing.iterations == 2
+    with pytest.raises(ConfigError, match="'model.routing.iterations'.*routing self-attention"):
+        set_key(cfg, "model.routing", "self-attention")
 
 
 def test_unknown_routing_lists_the_choices():
@@ -231,7 +285,7 @@ def test_unknown_routing_lists_the_choices():
 
 def test_default_routing_is_dynamic_with_its_old_state_dict_keys():
     model = build_model(from_dict({}).model)
-    assert model.cfg.routing == "dynamic" and isinstance(model.digits, RoutedCapsules)
+    assert model.cfg.routing.name == "dynamic" and isinstance(model.digits, RoutedCapsules)
     assert model.digits.iterations == 3
     keys = set(model.state_dict())
     assert {"digits.W_IJDP", "conv1.weight", "primary.conv.weight"} <= keys
@@ -257,7 +311,7 @@ def test_every_routing_gives_routes_what_it_draws(name):
     out = model(x, keep_routing=True)
     T, H, W = model.routing_layout
     passes = out["routing"]
-    expected = model.cfg.routing_iterations if "routing_iterations" in ROUTINGS[name].keys else 1
+    expected = getattr(model.cfg.routing, "iterations", 1)
     assert len(passes) == expected
     for c in passes:
         assert c.shape == (2, T * H * W, 10)

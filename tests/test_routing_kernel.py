@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from capsctl.models import routing_kernel
-from capsctl.models.capsules import RoutedCapsules, predict_and_route, squash
+from capsctl.models.capsules import squash
+from capsctl.models.routing.dynamic import RoutedCapsules, predict_and_route
 from tests.test_routing import _LargestTensor, use_path
 
 
@@ -113,7 +114,7 @@ def _python(code: str, env_extra: dict, tmp_path) -> subprocess.CompletedProcess
 _PROBE = """
     import sys, warnings, torch
     from capsctl.models import routing_kernel
-    from capsctl.models.capsules import RoutedCapsules
+    from capsctl.models.routing.dynamic import RoutedCapsules
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.manual_seed(0)

@@ -8,7 +8,7 @@ forward(x, y=None) returns a dict:
            (B, K, C*H*W) when ``y`` is (B, K): one reconstruction per listed capsule (MultiMNIST)
   routing  list of (B, I, J) coupling coefficients per pass, when ``keep_routing``
 
-The routed layer (``digits``) is the algorithm ``model.routing`` names (capsctl/models/routing/):
+The routed layer (``digits``) is the algorithm ``model.routing.name`` names (capsctl/models/routing/),
 dynamic routing by agreement by default.
 """
 
@@ -68,7 +68,7 @@ class CapsNet(nn.Module):
         self.grid = primary_grid(m)
         self.num_primary = m.primary_types * self.grid * self.grid
         self.digits = routing.build(m.routing, self.num_primary, m.num_classes, m.primary_dim,
-                                    m.class_dim, m)
+                                    m.class_dim, m.transform_init_std)
         self.decoder = (Decoder(m.num_classes * m.class_dim, m.decoder_hidden,
                                 m.in_channels * m.input_size ** 2) if m.decoder else None)
 
@@ -80,7 +80,7 @@ class CapsNet(nn.Module):
     def routing_label(self) -> str:
         """What out["routing"] holds, named by the configured routing ("coupling c_ij",
         "attention c_ij", "routing r_ij")."""
-        return routing.ROUTINGS[self.cfg.routing].label
+        return routing.ROUTINGS[self.cfg.routing.name].label
 
     @property
     def routing_layout(self) -> tuple[int, int, int]:

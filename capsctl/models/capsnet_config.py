@@ -3,12 +3,12 @@ loss's, beside ``losses.py``. Torch-free: ``capsctl config`` reads it without lo
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from capsctl.errors import ConfigError
 from capsctl.fields import _f
-from capsctl.models.routing import ROUTINGS, unused_keys
+from capsctl.models import routing
 
 
 @dataclass
@@ -35,45 +35,31 @@ class CapsNetConfig(ImageInput):
     primary_kernel: int = _f(9, "PrimaryCaps kernel size", min=1)
     primary_stride: int = _f(2, "PrimaryCaps stride", min=1)
     class_dim: int = _f(16, "DigitCaps (class capsule) dimension", min=1, max=1024)
-    routing: str = _f("dynamic", "the routed layer's algorithm (docs/routing.md): "
-                      + "; ".join(f"{k}: {r.summary}" for k, r in ROUTINGS.items()),
-                      choices=tuple(ROUTINGS))
-    routing_iterations: int = _f(3, "routing passes (routing: dynamic, inverted-dot-product)",
-                                 min=1, max=100)
+    routing: Any = field(default_factory=routing.DynamicOptions, metadata={
+        "help": "the routed layer's algorithm and its options (docs/routing.md): a mapping with "
+                "name (" + ", ".join(routing.ROUTINGS) + ") and that routing's keys (tables "
+                "below), or the name alone",
+        "nested": routing.set_routing, "variants": routing.reference_tables})
     transform_init_std: float = _f(0.01, "std of the normal init of the W_ij matrices", gt=0)
     primary_scale: float = _f(1.0, "scale applied to PrimaryCaps before the squash "
                               "(authors' code: 1/32; paper: 1)", gt=0)
-    class_bias: bool = _f(False, "learned bias added to s_j (the authors' code has one; the "
-                          "paper and its parameter count do not) (routing: dynamic, uniform)")
-    leaky_routing: bool = _f(False, "a \"none-of-the-above\" parent in the routing softmax: one "
-                             "extra zero logit per child, so a child can route to no parent "
-                             "(the paper's CIFAR-10 model; the authors' code: Sarasra/models "
-                             "research/capsules, layers.py _leaky_routing); runs on the batched "
-                             "torch path, not the C kernel (routing: dynamic)")
     decoder: bool = _f(True, "reconstruction decoder from the masked class capsules")
     decoder_hidden: list[int] = _f([512, 1024], "decoder hidden layer widths (ReLU); output "
                                    "is sigmoid of input_size^2 x in_channels", min=1,
                                    max=65536)
 
+    def moved_key(self, key: str, value: Any) -> tuple[str, Any]:
+        """The flat routing keys of format 2 (``model.routing_iterations``, ``class_bias``,
+        ``leaky_routing``) now live in ``model.routing``."""
+        moved = routing.from_flat(self.routing, key, value)
+        return (key, value) if moved is None else ("routing", moved)
+
     def check(self, source: str) -> None:
-        check_routing_keys(self, source)
         conv1_out = self.input_size - self.conv1_kernel + 1
         if conv1_out < 1 or primary_grid(self) < 1:
             raise ConfigError(f"{source}: model.input_size={self.input_size} is too small for "
                               f"conv1_kernel={self.conv1_kernel} and primary_kernel="
                               f"{self.primary_kernel}; use a larger input or smaller kernels")
-
-
-def check_routing_keys(m: CapsNetConfig, source: str) -> None:
-    """Refuse a routing key set away from its default that ``m.routing`` does not read."""
-    defaults = {f.name: f.default for f in dataclasses.fields(CapsNetConfig)}
-    unused = unused_keys(m.routing, vars(m), defaults)
-    if unused:
-        reads = ", ".join(f"model.{k}" for k in ROUTINGS[m.routing].keys) or "no routing key"
-        raise ConfigError(f"{source}: model.routing={m.routing} does not read "
-                          + ", ".join(f"model.{k} (set to {getattr(m, k)!r})" for k in unused)
-                          + f"; {m.routing} reads {reads}; leave the others at their defaults ("
-                          + ", ".join(f"{k}={defaults[k]!r}" for k in unused) + ")")
 
 
 def primary_grid(m: CapsNetConfig) -> int:

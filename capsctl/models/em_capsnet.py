@@ -27,7 +27,7 @@ from torch import nn
 from capsctl.models.conv import Conv2d
 from capsctl.models.em_config import EMCapsNetConfig, SpreadLossConfig
 from capsctl.models.capsnet import Decoder, masked_decode
-from capsctl.models.em_routing import EMRouting, PatchSoftmax
+from capsctl.models.routing.em import EMRouting, PatchSoftmax
 from capsctl.models.losses import reconstruction_sse
 
 CONV1_K, CONV1_S = 5, 2

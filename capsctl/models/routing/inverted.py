@@ -65,7 +65,7 @@ class InvertedDotProductRouting(Votes):
         return v_BJD, ([r_BJI.transpose(1, 2) for r_BJI in rs] if keep_routing else [])
 
 
-def build(in_caps: int, out_caps: int, in_dim: int, out_dim: int,
-          m) -> InvertedDotProductRouting:
-    return InvertedDotProductRouting(in_caps, out_caps, in_dim, out_dim, m.routing_iterations,
-                                     m.transform_init_std)
+def build(in_caps: int, out_caps: int, in_dim: int, out_dim: int, init_std: float,
+          opts) -> InvertedDotProductRouting:
+    return InvertedDotProductRouting(in_caps, out_caps, in_dim, out_dim, opts.iterations,
+                                     init_std)

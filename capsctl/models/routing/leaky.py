@@ -1,4 +1,4 @@
-"""Leaky routing by agreement (``dynamic`` with ``leaky_routing: true``): Procedure 1 of Sabour,
+"""Leaky routing by agreement (``dynamic`` with ``leaky: true``): Procedure 1 of Sabour,
 Frosst & Hinton 2017 with a "none-of-the-above" parent in the routing softmax, as the paper's
 CIFAR-10 model (the authors' code: Sarasra/models, research/capsules/models/layers.py,
 ``_leaky_routing``). Each child's logits get one extra zero logit, the softmax runs over the
@@ -9,7 +9,7 @@ J + 1 entries and only the first J couplings are kept, so a child can route to n
   to b_ij.
 
 Plain autograd, batched torch (no C kernel); the same parameters and state-dict keys as
-``capsules.RoutedCapsules`` (W_IJDP, bias_JD with class_bias), so a checkpoint is evaluated
+``dynamic.RoutedCapsules`` (W_IJDP, bias_JD with class_bias), so a checkpoint is evaluated
 either way.
 
 Shape legend: B batch, I children, J parents, P a child's dimension, D a parent's, N = B * J.

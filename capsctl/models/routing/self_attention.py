@@ -50,5 +50,6 @@ class SelfAttentionRouting(Votes):
         return v_BJD, ([c_BJI.transpose(1, 2)] if keep_routing else [])
 
 
-def build(in_caps: int, out_caps: int, in_dim: int, out_dim: int, m) -> SelfAttentionRouting:
-    return SelfAttentionRouting(in_caps, out_caps, in_dim, out_dim, m.transform_init_std)
+def build(in_caps: int, out_caps: int, in_dim: int, out_dim: int, init_std: float,
+          opts) -> SelfAttentionRouting:
+    return SelfAttentionRouting(in_caps, out_caps, in_dim, out_dim, init_std)
