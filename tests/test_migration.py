@@ -298,3 +298,52 @@ def test_example_config_is_the_migration_of_the_previous_one(name):
     assert "dataset" in old["data"]                       # really a format-1 file
     new = load(REPO / "configs" / name)
     assert from_dict(config_v1_to_v2(old), source=f"{RELEASE}:{name}") == new
+
+
+# --- format 2: capsnet's flat routing keys ---------------------------------------------------
+
+FORMAT_2 = REPO / "tests" / "fixtures" / "format2"
+EXPECTED_2 = json.loads((FORMAT_2 / "expected.json").read_text())
+ROUTING_2 = {  # what make.py set, as the model.routing section it loads into
+    "dynamic.pt": {"name": "dynamic", "iterations": 2, "class_bias": True, "leaky": False},
+    "leaky.pt": {"name": "dynamic", "iterations": 3, "class_bias": False, "leaky": True},
+    "inverted.pt": {"name": "inverted-dot-product", "iterations": 2},
+}
+
+
+def test_every_format_2_fixture_has_expected_numbers():
+    assert sorted(EXPECTED_2) == sorted(ROUTING_2) == sorted(p.name for p in
+                                                             FORMAT_2.glob("*.pt"))
+
+
+@pytest.mark.parametrize("name", sorted(ROUTING_2))
+def test_format_2_flat_routing_keys_load_into_model_routing(name):
+    raw = torch.load(FORMAT_2 / name, weights_only=True)
+    flat = raw["config"]["model"]
+    assert raw["format_version"] == 2 and isinstance(flat["routing"], str)
+    assert {"routing_iterations", "class_bias", "leaky_routing"} <= set(flat)
+    model, cfg, _ = checkpoint.load_model(FORMAT_2 / name, CPU)
+    assert to_dict(cfg)["model"]["routing"] == ROUTING_2[name]
+    assert not {"routing_iterations", "class_bias", "leaky_routing"} & set(to_dict(cfg)["model"])
+    assert from_dict(to_dict(cfg)) == cfg
+    assert all(torch.equal(raw["model"][k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", sorted(ROUTING_2))
+def test_format_2_fixture_scores_as_recorded(name, data_root, one_thread):
+    """The accuracy exactly and the class scores' sums to 1e-9, as the commit that wrote them
+    (tests/fixtures/format2/make.py)."""
+    r = runner.invoke(app, ["eval", str(FORMAT_2 / name), "--data-root", str(data_root),
+                            "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)                               # one checkpoint: one object
+    want = EXPECTED_2[name]
+    assert (res["accuracy"], res["n"], res["step"]) == (want["accuracy"], want["n"],
+                                                       want["step"])
+    model, cfg, _ = checkpoint.load_model(FORMAT_2 / name, CPU)
+    source = build_eval(cfg.data.name, "test", cfg, CPU, str(data_root))
+    test_x = torch.cat([b["x"] for b in source.batches(1000)])
+    with torch.no_grad():
+        scores = model(test_x)["scores"].double()
+    for key, got in (("scores_sum", scores.sum()), ("scores_sq_sum", scores.pow(2).sum())):
+        assert abs(float(got) - want[key]) <= 1e-9 * abs(want[key]), (name, key, float(got))
