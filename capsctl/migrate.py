@@ -17,7 +17,8 @@ from typing import Any
 from capsctl.data.registry import DATASETS
 from capsctl.fields import field_names
 from capsctl.models.registry import MODELS
-from capsctl.models.routing import FLAT_KEYS
+from capsctl.errors import ConfigError
+from capsctl.models.routing import FLAT_KEYS, DynamicOptions, from_flat, set_routing
 
 # format-1 key -> format-2 key, per family / dataset; keys not listed keep their name, and keys
 # the family or dataset does not have are dropped (format 1 stored every family's defaults)
@@ -81,3 +82,21 @@ def config_v1_to_v2(cfg: Any) -> Any:
                     data_drop)
     out["data"] = {"name": dataset, **data}
     return out
+
+
+def nest_routing(model: Any) -> Any:
+    """A stored capsnet ``model`` section (a run folder's config.yaml) with format 2's flat
+    routing keys, as this version writes it: ``routing`` a mapping of the routing's name and
+    keys, the flat keys gone. Anything else is returned as it is."""
+    if not isinstance(model, dict) or model.get("name", "capsnet") != "capsnet" or not (
+            isinstance(model.get("routing"), str) or FLAT_KEYS.keys() & model.keys()):
+        return model
+    try:
+        opts = set_routing("model.routing", model.get("routing", {}), DynamicOptions())
+        for key in FLAT_KEYS:
+            if key in model:
+                opts = set_routing("model.routing", from_flat(opts, key, model[key]), opts)
+    except ConfigError:
+        return model
+    return {**{k: v for k, v in model.items() if k not in FLAT_KEYS},
+            "routing": dict(vars(opts))}

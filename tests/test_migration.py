@@ -347,3 +347,22 @@ def test_format_2_fixture_scores_as_recorded(name, data_root, one_thread):
         scores = model(test_x)["scores"].double()
     for key, got in (("scores_sum", scores.sum()), ("scores_sq_sum", scores.pow(2).sum())):
         assert abs(float(got) - want[key]) <= 1e-9 * abs(want[key]), (name, key, float(got))
+
+
+def test_a_run_folder_of_format_2_holds_the_same_config():
+    """A run folder's config.yaml written before model.routing had its own keys is a run of the
+    same config (a sweep over it continues), and a changed flat key still differs."""
+    from capsctl.migrate import nest_routing
+    from capsctl.training.rundir import config_differences
+
+    cfg = from_dict({"model": {"routing": {"name": "uniform", "class_bias": True}}})
+    stored = to_dict(cfg)
+    flat = {**{k: v for k, v in stored["model"].items() if k != "routing"},
+            "routing": "uniform", "routing_iterations": 3, "class_bias": True,
+            "leaky_routing": False}
+    assert nest_routing(flat) == stored["model"]
+    assert config_differences({**stored, "model": flat}, cfg) == []
+    differ = config_differences({**stored, "model": {**flat, "class_bias": False}}, cfg)
+    assert len(differ) == 1 and differ[0].startswith("model.routing (")
+    for other in ({"name": "cnn", "class_bias": 1}, {"routing": "nope"}, [1]):
+        assert nest_routing(other) == other                 # left to the loader's message

@@ -161,10 +161,12 @@ def config_differences(stored: dict, cfg: Config) -> list[str]:
     optim (not where the data lives: data.root, download, workers) and the train keys a resume
     cannot change. Keys only one of the two has (another capsctl version) are not compared."""
     from capsctl.config import to_dict
+    from capsctl.migrate import nest_routing
 
     mine, differ = to_dict(cfg), []
     for section in ("model", "loss", "data", "optim", "train"):
         theirs = stored.get(section) if isinstance(stored.get(section), dict) else {}
+        theirs = nest_routing(theirs) if section == "model" else theirs  # format 2's flat keys
         keys = set(mine[section]) & set(theirs)
         if section == "train":
             keys &= set(FIXED_TRAIN_KEYS)
