@@ -151,9 +151,10 @@ def routing_of(model: dict) -> str | None:
 
 
 def _routing_name(model: dict):
-    """``model.routing.name`` (or the name alone: ``model.routing: dynamic``, format 2)."""
+    """``model.routing.name`` (capsctl writes config.yaml with it), or the name alone
+    (``model.routing: dynamic``, format 2); a mapping without a name is returned as it is."""
     routing = model.get("routing", "dynamic")
-    return routing.get("name") if isinstance(routing, dict) else routing
+    return routing.get("name", routing) if isinstance(routing, dict) else routing
 
 
 def read_run(folder: Path, count_parameters: bool = True) -> RunRow:
