@@ -21,6 +21,24 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
 
 
+def cpu_kind() -> str:
+    """The CPU's vendor and family ("GenuineIntel family 6", "AuthenticAMD family 26"): fp32
+    results of the same code and torch build are bitwise equal within one kind, and differ in
+    the last bits between kinds (oneDNN picks other kernels). Fixtures record, per kind, the
+    numbers the release that made them gave there."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    return f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')}"
+
+
 def find_real_mnist() -> Path | None:
     candidates = [os.environ.get("CAPSCTL_DATA"), str(SHARED_MNIST)]
     for c in candidates:
