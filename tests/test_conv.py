@@ -228,3 +228,46 @@ def test_gpu_check_refuses_without_a_gpu(monkeypatch, capsys):
     assert device_check.main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no CUDA device here")
+
+
+FAMILIES = [  # tiny widths of every family with convolutions
+    {},
+    {"name": "efficient-capsnet", "conv_channels": [4, 6, 6, 8], "primary_dim": 4,
+     "class_dim": 6, "decoder_hidden": [16, 32]},
+    {"name": "cnn", "channels": [4, 6, 8], "hidden": [16, 12]},
+    {"name": "em-capsnet", "conv1_channels": 8, "primary_types": 2, "caps1_types": 2,
+     "caps2_types": 2},
+]
+
+
+@pytest.mark.parametrize("model", FAMILIES, ids=lambda m: m.get("name", "capsnet"))
+def test_whole_models_agree_on_every_formulation(model, monkeypatch):
+    """Scores, reconstructions, the loss and every parameter's gradient of a whole model are
+    those of torch's convolution, on every formulation, each tensor to a fraction of its largest
+    element: 1e-9 in fp64; EM capsules compute in fp32 inside (their routing's constants), and
+    EM routing amplifies the last bits, so theirs to 1e-3."""
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 1)
+    cfg = tiny_config(model=model)
+    from capsctl.data.registry import DATASETS
+    from capsctl.models import loss_fn
+
+    losses_of = loss_fn(cfg, DATASETS[cfg.data.name].task)
+    em = cfg.model.name == "em-capsnet"
+    dtype, tol = (torch.float32, 1e-3) if em else (torch.float64, 1e-9)
+    g = torch.Generator().manual_seed(0)
+    batch = {"x": torch.rand(3, 1, 28, 28, generator=g, dtype=dtype),
+             "y": torch.tensor([1, 2, 3])}
+    results = {}
+    for name in conv.FORMULATIONS:
+        monkeypatch.setenv(conv.ENV_SWITCH, name)
+        torch.manual_seed(0)
+        net = build_model(cfg.model).to(dtype)
+        out = net(batch["x"], batch["y"])
+        loss = losses_of(out, batch, 0)["total"]
+        loss.backward()
+        results[name] = [t.detach() for t in (out["scores"], out.get("recon", loss), loss)] + [
+            p.grad for p in net.parameters() if p.grad is not None]
+        assert any(isinstance(m, conv.Conv2d) and m.last == name for m in net.modules())
+    for how in conv.FORMULATIONS[1:]:
+        for got, want in zip(results[how], results["onednn"], strict=True):
+            assert (got - want).abs().max() <= tol * want.abs().max(), how
