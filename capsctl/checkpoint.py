@@ -13,7 +13,6 @@ import os
 import pickle
 import pickletools
 import shutil
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from capsctl import config as config_mod
+from capsctl.atomic import write_atomically  # noqa: F401  (also checkpoint.write_atomically)
 from capsctl.migrate import config_v1_to_v2
 from capsctl.errors import CheckpointError, TrainingError
 
@@ -49,65 +49,6 @@ def free_space(folder: Path) -> str:
     except OSError:
         return "free space unknown"
     return f"{free / 1e6:,.1f} MB free" if free < 10 ** 9 else f"{free / 1e9:,.1f} GB free"
-
-
-class _Recorded:
-    """A file whose write errors are kept: torch.save swallows the OSError (ENOSPC, EIO) that
-    a write raised and raises ``RuntimeError: [enforce fail ...] unexpected pos`` instead."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def __getattr__(self, name: str):
-        return getattr(self.f, name)
-
-
-def _os_error(e: BaseException, recorded: _Recorded, path: Path) -> OSError | None:
-    """The OSError behind torch's RuntimeError ``e`` (as an OSError naming ``path``), if any."""
-    cause = recorded.error or next((c for c in (e.__cause__, e.__context__)
-                                    if isinstance(c, OSError)), None)
-    if cause is None:
-        return None
-    return OSError(cause.errno, cause.strerror or str(cause), str(path))
-
-
-def write_atomically(path: Path, obj: Any) -> None:
-    """``torch.save(obj)`` to a temporary file beside ``path``, fsync, rename over ``path``:
-    a crash leaves the old file or the new one, never a torn one. Any failure leaves no
-    temporary file behind; a failed write (a full disk) is an OSError naming ``path``, also
-    when torch reports it as a RuntimeError."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            recorded = _Recorded(f)
-            try:
-                torch.save(obj, recorded)
-            except RuntimeError as e:
-                error = _os_error(e, recorded, path)
-                if error is None:
-                    raise
-                raise error from None
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -157,7 +98,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if version == 1:  # capsctl 0.1: migrated in memory, the file is left as it is
         state = {**state, "format_version": 2, "config": config_v1_to_v2(state["config"])}
     if "packed" in state:  # a pretrained model's reduced-precision weights, expanded to fp32
-        from capsctl.pretrained import unpack
+        from capsctl.packing import unpack
 
         state = unpack(state, path)
     return state

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsctl import checkpoint
+from capsctl import atomic, checkpoint
 from capsctl.errors import TrainingError
 from capsctl.training import loop, prepare_run_dir, train
 from conftest import tiny_config, write_fake_mnist
@@ -266,8 +266,8 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, fake_mnist, monkeypat
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.torch, "save", save)
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(atomic.torch, "save", save)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     with pytest.raises(TrainingError, match="cannot write checkpoint .*last.pt: No space left on "
                                             "device; the previous checkpoint is intact"):
         _train(cfg, folder, fake_mnist)

@@ -309,9 +309,9 @@ class FillingDisk(io.RawIOBase):
 
 
 def full_disk_for(which, monkeypatch, free: int = 4096) -> None:
-    """The temporary files of capsctl.checkpoint for which ``which(path)`` is true are written
+    """The temporary files of capsctl.atomic for which ``which(path)`` is true are written
     to a disk with ``free`` bytes left (``FillingDisk``)."""
-    from capsctl import checkpoint
+    from capsctl import atomic
 
     real_mkstemp, real_fdopen, doomed = tempfile.mkstemp, os.fdopen, set()
 
@@ -327,8 +327,8 @@ def full_disk_for(which, monkeypatch, free: int = 4096) -> None:
             return io.BufferedWriter(FillingDisk(fd, free))
         return real_fdopen(fd, mode, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(checkpoint.os, "fdopen", fdopen)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(atomic.os, "fdopen", fdopen)
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_naming_the_file_and_free_space(

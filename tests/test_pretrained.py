@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from capsctl import checkpoint, pretrained
+from capsctl import checkpoint, packing, pretrained
 from capsctl.cli import app
 from capsctl.errors import CapsctlError, CheckpointError
 from conftest import REPO, tiny_config, write_fake_mnist
@@ -145,13 +145,13 @@ def test_int8_and_int4_round_trips_stay_within_half_a_step():
     for shape in [(7, 33), (5, 3, 3, 3), (1, 1), (3, 0)]:
         w = torch.randn(shape, generator=g)
         for bits, top in ((8, 127), (4, 7)):
-            e = pretrained._quantize(w, bits)
-            back = pretrained._dequantize("w", e, "test")
+            e = packing._quantize(w, bits)
+            back = packing._dequantize("w", e, "test")
             assert back.shape == w.shape and back.dtype == torch.float32
             if w.numel():
                 step = w.abs().max() / top
                 assert (back - w).abs().max() <= step / 2 + 1e-6
-    zero = pretrained._dequantize("z", pretrained._quantize(torch.zeros(4, 40), 4), "test")
+    zero = packing._dequantize("z", packing._quantize(torch.zeros(4, 40), 4), "test")
     assert torch.equal(zero, torch.zeros(4, 40))
 
 

@@ -15,12 +15,12 @@ from capsctl.data.datasets import DataBundle
 from capsctl.data.registry import DATASETS
 from capsctl.errors import ConfigError, DataError
 from capsctl.fields import suggest
-from capsctl.models.registry import _resolve
+from capsctl.lazy import resolve
 
 
 def build(cfg, device: torch.device, root_flag: str | None = None) -> DataBundle:
     """Train/val/test of the configured dataset (its files read once, kept on ``device``)."""
-    return _resolve(DATASETS[cfg.data.name].build)(cfg, device, root_flag)
+    return resolve(DATASETS[cfg.data.name].build)(cfg, device, root_flag)
 
 
 def affnist_source(name: str, split: str, cfg, device, root_flag):
@@ -58,7 +58,7 @@ def build_eval(name: str, split: str, cfg, device: torch.device, root_flag: str 
     check_eval(name, cfg)
     spec = DATASETS[name]
     if spec.options is None:
-        return _resolve(spec.build)(name, split, cfg, device, root_flag)
+        return resolve(spec.build)(name, split, cfg, device, root_flag)
     if cfg.data.name != name:
         cfg = dataclasses.replace(cfg, data=_options(name, cfg))
     bundle = build(cfg, device, root_flag)

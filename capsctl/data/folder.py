@@ -264,7 +264,7 @@ def _load_cache(path: Path) -> dict | None:
 
 def _save_cache(path: Path, data: dict) -> None:
     """Write atomically (temporary file, then rename); a warning when the folder refuses."""
-    from capsctl.checkpoint import write_atomically
+    from capsctl.atomic import write_atomically
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
