@@ -25,12 +25,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from capsctl import flops as flops_mod, profile as profile_mod
+from capsctl import flops as flops_mod, profile as profile_mod, tasks
 from capsctl.config import Config
-from capsctl.data.registry import DATASETS, PAIR
+from capsctl.data.registry import DATASETS
 from capsctl.device import autocast, compile_model, describe, use_channels_last
 from capsctl.errors import CapsctlError
-from capsctl.evaluate import model_labels
 from capsctl.models import build_model, count_parameters, loss_fn
 from capsctl.models import conv as conv_mod, routing_kernel
 from capsctl.models.capsnet import CapsNet
@@ -165,16 +164,13 @@ class _Timer:
 # --- synthetic batches --------------------------------------------------------------------------
 
 def synthetic_batch(cfg: Config, batch: int, device: torch.device, seed: int = 0) -> dict:
-    """A batch of the configured shape: images in [0, 1] and labels (for a "pair" dataset such
-    as MultiMNIST: two distinct labels and the two source images)."""
+    """A batch of the configured shape drawn by the dataset's task: images in [0, 1] and
+    labels (a "pair" task such as MultiMNIST's: two distinct labels and the two source
+    images)."""
     g = torch.Generator().manual_seed(seed)
     m = cfg.model
     shape = (batch, m.in_channels, m.input_size, m.input_size)
-    b = {"x": torch.rand(shape, generator=g),
-         "y": torch.randint(0, m.num_classes, (batch,), generator=g)}
-    if DATASETS[cfg.data.name].task == PAIR:
-        b["y2"] = (b["y"] + torch.randint(1, m.num_classes, (batch,), generator=g)) % m.num_classes
-        b["x_a"], b["x_b"] = torch.rand(shape, generator=g), torch.rand(shape, generator=g)
+    b = tasks.get(DATASETS[cfg.data.name].task).synthetic_batch(shape, m.num_classes, g)
     return {k: v.to(device) for k, v in b.items()}
 
 
@@ -202,8 +198,8 @@ class _TrainPhase:
     def __init__(self, cfg: Config, model: nn.Module, batch: dict, device: torch.device,
                  warn: Callable[[str], None]):
         self.cfg, self.model, self.batch, self.device = cfg, model, batch, device
-        self.task = DATASETS[cfg.data.name].task
-        self.losses_of = loss_fn(cfg, self.task)
+        self.task = tasks.get(DATASETS[cfg.data.name].task)
+        self.losses_of = loss_fn(cfg, self.task.name)
         self.opt = build_optimizer(model, cfg)
         self.fell_back: list[str] = []
         self.step_model = compile_model(model, cfg.train.compile,
@@ -283,7 +279,7 @@ def run(cfg: Config, device: torch.device, *, batch_size: int | None = None,
 
     report["peak_gflops"] = {p: flops_mod.matmul_peak(device, p)
                              for p in dict.fromkeys((t.precision, "fp32"))}
-    counted = flops_mod.count(model, batch["x"], model_labels(batch, train_phase.task))
+    counted = flops_mod.count(model, batch["x"], train_phase.task.model_labels(batch))
     fpi = {"train": counted["train"], "infer": counted["infer"], "infer_large": counted["infer"],
            "conv_bound": flops_mod.conv_bound(*mods, batch["x"]) if mods else None}
     report["flops_per_image"] = {**fpi, "modules": counted["modules"]}

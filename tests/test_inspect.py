@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from capsctl import checkpoint
+from capsctl import checkpoint, tasks
 from capsctl.cli import app
 from capsctl.config import to_dict
 from capsctl.errors import CapsctlError
@@ -380,7 +380,9 @@ def test_a_pair_task_checkpoint_gets_the_segmentation_picture(tiny_run, tmp_path
     assert source.task == "pair"
     model = build_model(cfg.model).eval()
     model.load_state_dict(checkpoint.load(ck)["model"])
-    picture = segmentation_grid(model, source.get(torch.arange(8)), torch.device("cpu"))
+    batch = source.get(torch.arange(8))
+    picture = segmentation_grid(model, batch["x"], tasks.get(source.task).model_labels(batch),
+                                torch.device("cpu"))
     with torch.no_grad():
         x0 = source.get(torch.arange(1))["x"]
         top = model(x0)["scores"].topk(2, 1).indices

@@ -16,15 +16,17 @@ from capsctl.config import from_dict
 from capsctl.errors import ConfigError
 from capsctl.data import mnist
 from capsctl.data.datasets import ImageSet
-from capsctl.data.multimnist import (ClassIndex, MultiEvalSource, MultiTrainStream, bbox_overlap,
+from capsctl.data.multimnist import (ClassIndex, MultiEvalSource, MultiTrainStream,
                                      expected_frame_overlap, overlap_stats)
 from capsctl.data.build import build_eval
 from capsctl.data.registry import DATASETS, PAIR, SINGLE
-from capsctl.evaluate import count_correct, evaluate, model_labels, pair_hits
+from capsctl.evaluate import evaluate
 from capsctl.inspect.draw import save_png
-from capsctl.inspect.figures import GAP, segmentation_grid
+from capsctl.inspect.figures import GAP
 from capsctl.models import MODELS, build_model, count_parameters, loss_fn
 from capsctl.models.losses import multilabel_bce_losses, multimnist_losses
+from capsctl.tasks import get as task_of
+from capsctl.tasks.pair import bbox_overlap, pair_hits
 from capsctl.training import prepare_run_dir, train
 from conftest import REPO, tiny_config
 
@@ -164,10 +166,11 @@ def test_exact_pair_and_at_least_one_on_crafted_predictions():
     assert exact.tolist() == [True, False, False]                # order of labels irrelevant
     assert one.tolist() == [True, True, False]
     batch = {"y": y, "y2": y2}
-    assert count_correct(scores, batch, PAIR).item() == 1        # the exact pair, by task kind
-    assert torch.equal(model_labels(batch, PAIR), torch.stack([y, y2], 1))
-    assert count_correct(scores, batch, SINGLE).item() == 1    # top-1 = y: example 1 only
-    assert torch.equal(model_labels(batch, SINGLE), y)
+    pair, single = task_of(PAIR), task_of(SINGLE)
+    assert pair.count_correct(scores, batch).item() == 1        # the exact pair, by task kind
+    assert torch.equal(pair.model_labels(batch), torch.stack([y, y2], 1))
+    assert single.count_correct(scores, batch).item() == 1    # top-1 = y: example 1 only
+    assert torch.equal(single.model_labels(batch), y)
 
 
 def test_capsnet_decodes_each_listed_capsule_on_its_own():
@@ -246,7 +249,7 @@ def test_tiny_train_eval_and_segmentation_picture(tmp_path, fake_mnist):
     again = evaluate(model, source, 50, CPU, limit=128, loss_fn=loss_fn(cfg2, source.task))
     assert again["correct"] == result["correct"] and "loss_reconstruction" in again
 
-    picture = segmentation_grid(model, source.get(torch.arange(8)), CPU)
+    picture = task_of(PAIR).picture(model, source.get(torch.arange(8)), CPU, "fp32")
     assert picture.shape[0] == 3 and picture.shape[2] > picture.shape[1] > 3 * 36
     assert 0 <= picture.min() and picture.max() <= 1
     # example 0's second picture: red = the longest capsule's digit, green = the second's

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from capsctl import config as C
 from capsctl.cli import app
-from capsctl.data.registry import DATASETS, PAIR, SINGLE, TRAINING
+from capsctl import tasks
+from capsctl.data.registry import DATASETS, TRAINING
 from capsctl.errors import ConfigError
-from capsctl.evaluate import model_labels
 from capsctl.fields import default_of, field_names
 from capsctl.models import build_model, count_parameters, loss_fn
 from capsctl.models.registry import MODELS
@@ -215,7 +215,7 @@ def test_dataset_model_mismatch_through_the_installed_command(tmp_path, doc, nee
 
 def test_every_family_learns_only_its_task_kinds():
     for name, spec in MODELS.items():
-        assert set(spec.losses) <= {SINGLE, PAIR} and spec.losses
+        assert set(spec.losses) <= set(tasks.kinds()) and spec.losses
         for d in TRAINING:
             doc = {"model": {"name": name}, "data": {"name": d}}
             if DATASETS[d].task in spec.losses:
@@ -262,14 +262,9 @@ def test_defaults_build_a_model(name):
 
 
 def fake_batch(task: str, side: int, channels: int, classes: int, b: int = 3) -> dict:
+    """A batch of the task kind (its synthetic batch, ``capsctl bench``'s)."""
     g = torch.Generator().manual_seed(0)
-    y = torch.arange(b) % classes
-    batch = {"x": torch.rand(b, channels, side, side, generator=g), "y": y}
-    if task == PAIR:
-        batch["y2"] = (y + 1) % classes
-        batch["x_a"] = torch.rand(b, channels, side, side, generator=g)
-        batch["x_b"] = torch.rand(b, channels, side, side, generator=g)
-    return batch
+    return tasks.get(task).synthetic_batch((b, channels, side, side), classes, g)
 
 
 @pytest.mark.parametrize("name,dataset", LEARNABLE)
@@ -323,9 +318,9 @@ def test_family_honours_the_contract(name, dataset):
         assert "routing" not in model(batch["x"])
     # the loss of the family for this task: named scalar terms including a finite total
     model.train()
-    labels = model_labels(batch, task)
+    labels = tasks.get(task).model_labels(batch)
     out = model(batch["x"], labels)
-    if model.has_decoder and task == PAIR:
+    if model.has_decoder and labels.dim() == 2:      # one reconstruction per label
         assert out["recon"].shape == (B, 2, N)
     terms = loss_fn(cfg, task)(out, batch, 0)
     assert "total" in terms and all(t.dim() == 0 for t in terms.values())

@@ -130,6 +130,7 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
 def test_reconstructions_are_logged_through_the_model_contract(fake_mnist):
     from capsctl.data.build import build
     from capsctl.models import build_model
+    from capsctl import tasks
     from capsctl.training.loop import _log_reconstructions
 
     class Images:
@@ -146,6 +147,6 @@ def test_reconstructions_are_logged_through_the_model_contract(fake_mnist):
                                   "pool": [2, 2]}, [])):   # no decoder: nothing to draw
         model = build_model(tiny_config(model=model_section).model).train()
         writer = Images()
-        _log_reconstructions(model, data.val, data.task, writer, 7, CPU, "fp32")
+        _log_reconstructions(model, data.val, tasks.get(data.task), writer, 7, CPU, "fp32")
         assert writer.seen == want
         assert model.training                  # back in training mode

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from capsctl.data.augment import generator, place, random_offsets, to_float
-from capsctl.data.registry import SINGLE
+from capsctl.tasks import SINGLE
 
 STREAM_ORDER, STREAM_SHIFT, STREAM_EVAL = 1, 2, 3
 

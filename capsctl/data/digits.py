@@ -8,8 +8,9 @@ import torch
 
 from capsctl.data import mnist
 from capsctl.data.datasets import DataBundle, EvalSource, ImageSet, TrainStream
-from capsctl.data.registry import EXPANDED_SIDE, SINGLE
+from capsctl.data.registry import EXPANDED_SIDE
 from capsctl.errors import DataError
+from capsctl.tasks import SINGLE
 
 EXPANDED_PAD, EXPANDED_EVAL_SHIFT, EXPANDED_EVAL_SEED = (EXPANDED_SIDE - 28) // 2, 6, 0
 

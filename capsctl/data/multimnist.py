@@ -30,7 +30,8 @@ import torch
 
 from capsctl.data.augment import generator, mix_seed, place, random_offsets
 from capsctl.data.datasets import DataBundle, ImageSet, TrainStream
-from capsctl.data.registry import PAIR
+from capsctl.tasks import PAIR
+from capsctl.tasks.pair import bbox_overlap
 
 STREAM_PAIRS, STREAM_EVAL_PAIRS = 11, 12
 MASK32 = 0xFFFFFFFF
@@ -138,42 +139,6 @@ class MultiEvalSource:
         for start in range(0, n, batch_size):
             yield self.get(torch.arange(start, min(start + batch_size, n),
                                         device=self.data.device))
-
-
-def bounding_boxes(images: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) or (B, H, W) -> (B, 4) int64 boxes (top, left, bottom, right), inclusive,
-    of the non-zero pixels (an empty image gives an empty box of area 0)."""
-    ink = images.reshape(images.shape[0], images.shape[-2], images.shape[-1]) > 0
-    rows_BH, cols_BW = ink.any(2), ink.any(1)
-
-    def first_last(m: torch.Tensor):
-        ar = torch.arange(m.shape[1], device=m.device)
-        first = torch.where(m, ar, m.shape[1]).min(1).values
-        last = torch.where(m, ar, -1).max(1).values
-        return first, last
-
-    top, bottom = first_last(rows_BH)
-    left, right = first_last(cols_BW)
-    return torch.stack([top, left, bottom, right], 1)
-
-
-def _area(top, left, bottom, right):
-    return (bottom - top + 1).clamp(min=0) * (right - left + 1).clamp(min=0)
-
-
-def bbox_overlap(x_a: torch.Tensor, x_b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-pair bounding-box overlap of the two placed digits, (B,) each:
-
-    ``of_smaller`` = intersection / area of the smaller box (how much of one digit's box lies
-    inside the other's), ``iou`` = intersection / union.
-    """
-    a, b = bounding_boxes(x_a), bounding_boxes(x_b)
-    inter = _area(torch.maximum(a[:, 0], b[:, 0]), torch.maximum(a[:, 1], b[:, 1]),
-                  torch.minimum(a[:, 2], b[:, 2]), torch.minimum(a[:, 3], b[:, 3])).double()
-    area_a, area_b = _area(*a.unbind(1)).double(), _area(*b.unbind(1)).double()
-    union = area_a + area_b - inter
-    return {"of_smaller": inter / torch.minimum(area_a, area_b).clamp(min=1),
-            "iou": inter / union.clamp(min=1)}
 
 
 def overlap_stats(batches, limit: int | None = None) -> dict[str, float]:

@@ -20,8 +20,8 @@ import torch
 from capsctl.data.augment import centre_crop, crop_flip, generator, random_flips, \
     random_windows, unit_float
 from capsctl.data.datasets import DataBundle, ImageSet, IndexedSource, TrainStream
-from capsctl.data.registry import SINGLE
 from capsctl.errors import DataError
+from capsctl.tasks import SINGLE
 
 STREAM_WINDOW = 31  # generator stream of the windows and flips (datasets.py uses 1-3)
 

@@ -4,13 +4,14 @@ are imported only when data is built).
 What a dataset declares: its options (the ``data`` section's dataclass; None for evaluation-only
 sets), its image side (a function of its options), channels and classes (fixed, or functions of
 its options: ``channel_counts(options)``, ``class_names(options, root_flag)``), the scale of its
-pixels (``normalisation``) and its task kind:
+pixels (``normalisation``) and its task kind, a module of capsctl/tasks:
 
 - ``single``: batches ``{"x": (B, C, H, W) float, "y": (B,) int64}``
 - ``pair`` (two digits per image, MultiMNIST): also ``"y2"`` (B,), the second label, and
   ``"x_a"``, ``"x_b"``: the two source images (each digit reconstructs its own).
 
-Every source a builder returns (training stream, validation/test source) carries ``.task``.
+Every source a builder returns (training stream, validation/test source) carries ``.task``;
+``capsctl.tasks.get(kind)`` is what the kind means (labels, metrics, picture).
 To add a dataset: write its options dataclass (with ``check(source)``), a builder
 ``fn(cfg, device, root_flag) -> DataBundle`` (``data/build.py``), and add one entry here.
 """
@@ -23,8 +24,7 @@ from typing import Callable
 from capsctl.data import image_sets_config as isc
 from capsctl.data.mnist_config import ExpandedMNISTOptions, MNISTOptions, MultiMNISTOptions
 from capsctl.data.smallnorb_config import SmallNORBOptions
-
-SINGLE, PAIR = "single", "pair"
+from capsctl.tasks import PAIR, SINGLE  # noqa: F401  (the kinds the datasets below declare)
 DIGITS = tuple(str(d) for d in range(10))
 EXPANDED_SIDE = 40  # 28 + 2 x 6 px of canvas
 UNIT, STANDARDISED = "unit", "standardised"

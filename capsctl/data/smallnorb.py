@@ -29,9 +29,9 @@ import torch
 
 from capsctl.data.augment import generator
 from capsctl.data.datasets import DataBundle, ImageSet, IndexedSource, TrainStream
-from capsctl.data.registry import SINGLE
 from capsctl.data.idx import check_declared, open_data, read_exact, read_header
 from capsctl.errors import DataError
+from capsctl.tasks import SINGLE
 
 URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
 STEMS = {"train": "smallnorb-5x46789x9x18x6x2x96x96-training",

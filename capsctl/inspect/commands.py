@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from capsctl import tasks
 from capsctl.compare import routing_of
 from capsctl.paths import nearest_existing
 from capsctl.errors import CapsctlError
@@ -210,8 +211,9 @@ def run_reconstruct(checkpoint, dataset=None, split="test", n=16, indices=None,
                     by_class=True, mask="predicted", seed=0, out=None, tb=None, no_tb=False,
                     device=None, data_root=None, scale=2) -> dict:
     """Inputs above their reconstructions: one row per true class (``n`` each, drawn with
-    ``seed``), or a plain grid of ``n`` random examples or of ``indices``. A "pair" task source
-    (MultiMNIST) gets the segmentation picture instead. Returns the summary dict."""
+    ``seed``), or a plain grid of ``n`` random examples or of ``indices``. A source whose
+    task has more than one label per example (MultiMNIST's pairs) gets its task's picture
+    instead (the segmentation picture). Returns the summary dict."""
     _check_options(n, scale, mask, split)
     model, cfg, state, dev = _load(checkpoint, device)
     probe.require_decoder(model, "reconstruct")
@@ -219,9 +221,10 @@ def run_reconstruct(checkpoint, dataset=None, split="test", n=16, indices=None,
     name = dataset or cfg.data.name
     source = _source(cfg, dataset, split, dev, data_root)
     g = torch.Generator().manual_seed(seed)
-    if source.task == "pair":
-        return _run_segmentation(model, cfg, state, source, indices, n, g, dev, checkpoint,
-                                 png, tb_dir, split, name)
+    task = tasks.get(source.task)
+    if not task.one_label:
+        return _run_task_picture(model, cfg, state, source, task, indices, n, g, dev,
+                                 checkpoint, png, tb_dir, split, name)
     names = _names(cfg, state, data_root)
     chosen, rows, titles = _choose(source, names, n, indices, by_class, g, dev)
     batch = _get(source, chosen, dev)
@@ -241,13 +244,20 @@ def run_reconstruct(checkpoint, dataset=None, split="test", n=16, indices=None,
             "mask": mask, "dataset": name, "split": split, "size": tuple(image.shape[1:])}
 
 
-def _run_segmentation(model, cfg, state, source, indices, n, g, dev, checkpoint, png, tb_dir,
-                      split, name) -> dict:
+def _run_task_picture(model, cfg, state, source, task, indices, n, g, dev, checkpoint, png,
+                      tb_dir, split, name) -> dict:
+    """`capsctl reconstruct` of a task with several labels per example: its own picture (a
+    pair's: the segmentation picture) of ``n`` random examples or of ``indices``."""
     chosen = list(indices) if indices else torch.randperm(
         min(len(source), 100_000), generator=g)[:n].sort().values.tolist()
     batch = _get(source, chosen, dev)
-    image = figures.segmentation_grid(model, batch, dev)
-    written = _write(image, png, tb_dir, "inspect/segmentation", state.get("step") or 0)
+    was = model.training
+    model.eval()
+    try:
+        image = task.picture(model, batch, dev, cfg.train.precision)
+    finally:
+        model.train(was)
+    written = _write(image, png, tb_dir, f"inspect/{task.picture_tag}", state.get("step") or 0)
     return {**written, "examples": len(chosen), "misclassified": None, "mse": None,
             "mask": "top-2 and labels", "dataset": name, "split": split,
             "size": tuple(image.shape[1:])}

@@ -257,9 +257,10 @@ def _overlay(recon_B2N: torch.Tensor, side: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def segmentation_grid(model, batch: dict, device: torch.device, scale: int = 3,
-                      columns: int = 8) -> torch.Tensor:
-    """The Figure-5 picture of ``batch``, a "pair" task batch (x, y, y2): (3, H, W) in [0, 1].
+def segmentation_grid(model, x: torch.Tensor, y_B2: torch.Tensor, device: torch.device,
+                      scale: int = 3, columns: int = 8) -> torch.Tensor:
+    """The Figure-5 picture of two-digit images ``x`` whose labels are ``y_B2`` (B, 2) (the
+    pair task's ``model_labels``): (3, H, W) in [0, 1].
 
     ``model`` must declare a decoder (``model.has_decoder``); it is put in eval mode for the
     picture and back in its previous mode after.
@@ -267,8 +268,8 @@ def segmentation_grid(model, batch: dict, device: torch.device, scale: int = 3,
     was = model.training
     model.eval()
     try:
-        x = batch["x"].to(device).float()
-        y_B2 = torch.stack([batch["y"], batch["y2"]], 1).to(device)
+        x = x.to(device).float()
+        y_B2 = y_B2.to(device)
         pred_B2, recon_pred, recon_true = probe.segmentation_recons(model, x, y_B2)
     finally:
         model.train(was)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from capsctl import tasks
 from capsctl.models.capsnet_config import MarginLossConfig
 
 
@@ -41,9 +42,8 @@ def capsnet_losses(out: dict, batch: dict, cfg: MarginLossConfig, step: int = 0
 
 
 def pair_targets(batch: dict, num_classes: int) -> torch.Tensor:
-    """(B, J) 0/1 targets of a two-label batch: both ``y`` and ``y2`` present."""
-    targets = F.one_hot(batch["y"], num_classes) + F.one_hot(batch["y2"], num_classes)
-    return targets.clamp(max=1)
+    """(B, J) 0/1 targets of a two-label batch: both labels present (the pair task's)."""
+    return tasks.get(tasks.PAIR).targets(batch, num_classes)
 
 
 def multimnist_losses(out: dict, batch: dict, cfg: MarginLossConfig, step: int = 0

@@ -9,16 +9,15 @@ entry here.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
+from capsctl.lazy import resolve
 from capsctl.models.capsnet_config import CapsNetConfig, MarginLossConfig
 from capsctl.models.cnn_config import CNNConfig, MultiMNISTCNNConfig, NoLossOptions
 from capsctl.models.efficient_config import EfficientCapsNetConfig
 from capsctl.models.em_config import EMCapsNetConfig, SpreadLossConfig
-
-SINGLE, PAIR = "single", "pair"  # task kinds (see capsctl/data/registry.py)
+from capsctl.tasks import PAIR, SINGLE
 
 
 @dataclass(frozen=True)
@@ -33,11 +32,6 @@ class ModelSpec:
     module: str
     losses: dict[str, str]
     summary: str
-
-
-def _resolve(path: str) -> Any:
-    module, attr = path.split(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -70,13 +64,13 @@ def spec(name: str) -> ModelSpec:
 
 def build_model(model_cfg):
     """The ``nn.Module`` of ``model_cfg`` (a family's config dataclass), on the CPU."""
-    return _resolve(MODELS[model_cfg.name].module)(model_cfg)
+    return resolve(MODELS[model_cfg.name].module)(model_cfg)
 
 
 def loss_fn(cfg, task: str) -> Callable:
     """The configured family's loss for ``task``: ``fn(out, batch, step=0) -> dict`` of named
     scalar terms incl. ``total`` (``step`` serves losses with schedules, e.g. a rising margin)."""
-    fn = _resolve(MODELS[cfg.model.name].losses[task])
+    fn = resolve(MODELS[cfg.model.name].losses[task])
     loss_cfg = cfg.loss
     return lambda out, batch, step=0: fn(out, batch, loss_cfg, step)
 

@@ -1,8 +1,10 @@
 """The training loop, top to bottom: build data and model, check what can be checked, lock the
 run folder, (resume), run epochs of shuffled device-resident batches, validate after each
 epoch, checkpoint, log, test the best model at the end. A resume continues at any of these
-phases (a pending validation or test included) and ends as the uninterrupted run. The parts live beside it: state.py (what a checkpoint holds), metrics.py, signals.py,
-rundir.py and step.py (the step itself, shared with ``capsctl bench``)."""
+phases (a pending validation or test included) and ends as the uninterrupted run. The parts
+live beside it: state.py (what a checkpoint holds), metrics.py, signals.py, rundir.py and
+step.py (the step itself, shared with ``capsctl bench``). What differs between task kinds
+(labels, what is correct, the picture) is asked of the data's Task (capsctl/tasks)."""
 
 from __future__ import annotations
 
@@ -17,15 +19,17 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-from capsctl import checkpoint
+from capsctl import checkpoint, tasks
 from capsctl.classes import dataset_class_names, numbered
 from capsctl.config import Config, to_dict
+from capsctl.confusion import log_confusion
 from capsctl.data.build import MissingDataError, build, build_eval, check_eval
 from capsctl.device import autocast, compile_model, use_channels_last
 from capsctl.distributed import SINGLE, Group, agree, barrier, local_batch_size
 from capsctl.errors import CapsctlError
-from capsctl.evaluate import evaluate, log_confusion, model_labels
+from capsctl.measure import evaluate
 from capsctl.models import build_model, count_parameters, loss_fn
+from capsctl.tasks.base import Task
 from capsctl.training.metrics import Metrics
 from capsctl.training.rundir import (RunLock, RunPaths, claim_run_dir, metrics_size,
                                      tidy_for_resume, write_config)
@@ -82,7 +86,8 @@ class _Run:
     group: Group
     console: Console
     data_root: str | None
-    data: object            # DataBundle: train stream, val / test sources, task
+    data: object            # DataBundle: train stream, val / test sources, task kind
+    task: Task              # the data's task: labels, what is correct, the picture
     local_batch: int        # this rank's share of train.batch_size
     model: torch.nn.Module
     opt: torch.optim.Optimizer
@@ -131,13 +136,14 @@ def _prepare(cfg: Config, paths: RunPaths, device, data_root, group: Group,
     if use_channels_last(device, t.precision):
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg)
-    losses_of = loss_fn(cfg, data.task)
+    task = tasks.get(data.task)
+    losses_of = loss_fn(cfg, task.name)
     n_terms = _first_batch_fits(model, opt, data, losses_of, group, local_batch, cfg, device)
     metrics = Metrics(device, group)
     state = TrainState(model, opt, to_dict(cfg), metrics, device,
                        dataset_class_names(cfg, data_root))
-    return _Run(cfg, paths, device, group, console, data_root, data, local_batch, model, opt,
-                losses_of, state, metrics, n_terms, final_sources)
+    return _Run(cfg, paths, device, group, console, data_root, data, task, local_batch, model,
+                opt, losses_of, state, metrics, n_terms, final_sources)
 
 
 def _final_sources(cfg: Config, device, data_root, console: Console) -> dict:
@@ -157,16 +163,16 @@ def _final_sources(cfg: Config, device, data_root, console: Console) -> dict:
 def _first_batch_fits(model, opt, data, losses_of, group: Group, local_batch: int,
                       cfg: Config, device) -> int:
     """Run forward and backward on the first training batch, then undo it all (gradients
-    dropped, buffers such as batch-norm statistics and the random generators restored): a batch that does not fit in
-    memory is a one-line error before the run folder exists. Returns the number of loss
-    terms."""
+    dropped, buffers such as batch-norm statistics and the random generators restored): a
+    batch that does not fit in memory is a one-line error before the run folder exists.
+    Returns the number of loss terms."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     rng = rng_state(device)   # dropout draws from it: the run must not see the probe
     try:
         batch = _rank_slice(data.train.batch(0, 0, 0), group, local_batch)
         model.train()
         with autocast(device, cfg.train.precision):
-            out = model(batch["x"], model_labels(batch, data.task))
+            out = model(batch["x"], tasks.get(data.task).model_labels(batch))
         losses = losses_of(out, batch, 0)
         losses["total"].backward()
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
@@ -268,10 +274,10 @@ def _train_epoch(r: _Run, stop: SignalStop, progress: Progress) -> None:
             break
         batch = _rank_slice(data.train.batch(s.epoch, k, s.step), r.group, r.local_batch)
         lr = lr_at(r.cfg, s.step)
-        losses, out, skipped = train_step(r.step_model, r.opt, batch, data.task, r.losses_of,
+        losses, out, skipped = train_step(r.step_model, r.opt, batch, r.task, r.losses_of,
                                           lr, s.step, t.precision, r.device,
                                           t.nonfinite == "skip")
-        r.metrics.add(losses, out["scores"], batch, data.task, s.step, skipped)
+        r.metrics.add(losses, out["scores"], batch, r.task, s.step, skipped)
         s.step, s.batch_in_epoch = s.step + 1, k + 1
         progress.advance(bar)
         if s.step % t.log_every == 0 or s.step == total_steps:
@@ -351,7 +357,7 @@ def _validate(r: _Run) -> None:
     r.console.print(f"epoch {s.epoch} (step {s.step}): val accuracy {m['accuracy']:.4%} "
                     f"(best {s.best_val_accuracy:.4%} at step {s.best_step})")
     if t.images_every_epoch and r.main:
-        _log_reconstructions(r.model, val, r.data.task, r.writers, s.step, r.device,
+        _log_reconstructions(r.model, val, r.task, r.writers, s.step, r.device,
                              t.precision)
     if _target_reached(t, s.best_val_accuracy, True):
         r.console.print(f"early stop: val accuracy reached train.target_val_accuracy="
@@ -359,26 +365,20 @@ def _validate(r: _Run) -> None:
 
 
 @torch.no_grad()
-def _log_reconstructions(model, source, task: str, writers, step: int, device, precision: str,
+def _log_reconstructions(model, source, task: Task, writers, step: int, device, precision: str,
                          n: int = 16) -> None:
-    """Inputs above their reconstructions (pairs: the segmentation figure), when the model
-    has a decoder."""
+    """The task's picture of the first ``n`` examples of ``source`` (one label: inputs above
+    their reconstructions; pairs: the segmentation picture), when the model has a decoder."""
     if not model.has_decoder:
         return
-    from capsctl.inspect.figures import pair_grid, segmentation_grid
-
     was = model.training
     model.eval()
     try:
         batch = source.get(torch.arange(min(n, len(source)), device=device))
-        if task == "pair":  # MultiMNIST: the paper's Fig. 5
-            writers.image("segmentation", segmentation_grid(model, batch, device), step)
-            return
-        with autocast(device, precision):
-            out = model(batch["x"])
+        image = task.picture(model, batch, device, precision)
     finally:
         model.train(was)  # back to training mode on every path
-    writers.image("reconstructions", pair_grid(batch["x"], out["recon"]), step)
+    writers.image(task.picture_tag, image, step)
 
 
 # --- the end ------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 
 from capsctl.distributed import SINGLE, Group, all_max, all_sum
 from capsctl.errors import TrainingError
-from capsctl.evaluate import count_correct
+from capsctl.tasks.base import Task
 
 
 class Metrics:
@@ -48,7 +48,7 @@ class Metrics:
                         steps=torch.zeros((), **long), skipped=torch.zeros((), **long),
                         bad_step=torch.full((), -1, **long))
 
-    def add(self, losses: dict, scores_BJ: torch.Tensor, batch: dict, task: str, step: int,
+    def add(self, losses: dict, scores_BJ: torch.Tensor, batch: dict, task: Task, step: int,
             skipped: bool) -> None:
         """Count step ``step`` (0-based): its loss terms and correct examples, or a skip."""
         self.names = self.names or list(losses)
@@ -60,7 +60,7 @@ class Metrics:
             a["skipped"] += 1
         else:
             a["sum"] += terms_T
-            a["correct"] += count_correct(scores_BJ.detach(), batch, task)  # exact pair
+            a["correct"] += task.count_correct(scores_BJ.detach(), batch)  # a pair: exact
             a["count"] += batch["y"].shape[0]
             a["steps"] += 1
             first_bad = (a["bad_step"] < 0) & ~torch.isfinite(terms_T[-1])

@@ -11,7 +11,7 @@ from torch.profiler import record_function
 from capsctl import optim
 from capsctl.config import Config
 from capsctl.device import autocast
-from capsctl.evaluate import model_labels
+from capsctl.tasks.base import Task
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config):
@@ -28,11 +28,12 @@ def lr_at(cfg: Config, step: int) -> float:
     return max(o.lr * o.lr_decay ** (step / o.lr_decay_steps), o.min_lr)
 
 
-def train_step(step_model: Callable, opt, batch: dict, task: str, losses_of: Callable,
+def train_step(step_model: Callable, opt, batch: dict, task: Task, losses_of: Callable,
                lr: float, step: int, precision: str, device: torch.device,
                skip_nonfinite: bool = False) -> tuple[dict, dict, bool]:
     """Set the learning rate to ``lr``, run the (autocast) forward of ``step_model`` on
-    ``batch`` with its labels, the loss at ``step``, backward and the optimizer step.
+    ``batch`` with the labels ``task`` gives it, the loss at ``step``, backward and the
+    optimizer step.
 
     ``skip_nonfinite`` (train.nonfinite=skip): a batch whose total loss is not finite takes no
     backward and no optimizer step (costs a host sync per step, paid only when asked for).
@@ -41,7 +42,7 @@ def train_step(step_model: Callable, opt, batch: dict, task: str, losses_of: Cal
     for group in opt.param_groups:
         group["lr"] = lr
     with autocast(device, precision), record_function("capsctl forward"):
-        out = step_model(batch["x"], model_labels(batch, task))  # (B, 2) labels for pairs
+        out = step_model(batch["x"], task.model_labels(batch))  # (B, 2) labels for pairs
     with record_function("capsctl loss"):
         losses = losses_of(out, batch, step)
     opt.zero_grad(set_to_none=True)
