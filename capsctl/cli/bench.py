@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from capsctl.cli.options import DeviceOpt, SetOpt, cli_errors, err, json_line, print_table
+from capsctl.cli.options import (DeviceOpt, SetOpt, cli_errors, json_line, print_table,
+                                 warning_line)
 from capsctl.errors import CapsctlError
 
 # capsctl/models/conv.py's switch and formulations, spelled here too so that `bench --help` and
@@ -148,6 +149,14 @@ def bench(
                           "and backward-weight alone. Default: off.")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print exactly one JSON object on stdout. Default: a table.")] = False,
+    export: Annotated[bool, typer.Option(
+        "--export", help="Instead: inference latency (batch 1: median and p99 of --runs "
+                         "calls) and batch-100 throughput of eager torch, the C routing "
+                         "kernel, TorchScript and ONNX Runtime, for the paper CapsNet and "
+                         "Efficient-CapsNet (or CONFIG's model). Needs capsctl[onnx]. "
+                         "Default: off.")] = False,
+    runs: Annotated[int, typer.Option(
+        "--runs", help="With --export: timed batch-1 calls per path. Default: 200.")] = 200,
 ):
     """Measure a training step, inference and the conv-only bound (Conv1 + PrimaryCaps forward +
     backward) on a synthetic batch: images/s, peak memory, user and system CPU time.
@@ -163,6 +172,8 @@ def bench(
         raise CapsctlError(f"--conv / ${CONV_SWITCH} {how!r}: expected auto or one of "
                            f"{', '.join(CONV_FORMULATIONS)}")
     os.environ[CONV_SWITCH] = how
+    if export:
+        return export_latency(config, set_, runs, large_batch or 100, threads, as_json)
     import torch
 
     from capsctl import bench as bench_mod, config as config_mod, device as device_mod
@@ -177,7 +188,7 @@ def bench(
         torch.set_num_threads(threads)
     r = bench_mod.run(cfg, dev, batch_size=batch_size or None, large_batch=large_batch or None,
                       steps=steps, warmup=warmup, profile=profile,
-                      warn=lambda msg: err.print(f"[yellow]warning:[/] {msg}", highlight=False))
+                      warn=warning_line)
     if dev.type == "cpu":
         r["cpu"] = bench_mod.cpu_info()
         r["load_average"] = bench_mod.load_average()
@@ -188,6 +199,39 @@ def bench(
     if profile:
         for table in profile_tables(r["profile"]):
             print_table(table)
+
+
+def export_latency(config, set_: list[str], runs: int, large: int, threads: int,
+                   as_json: bool) -> None:
+    """bench --export: capsctl.export_bench's latency table (or its JSON)."""
+    if runs < 1:
+        raise CapsctlError(f"--runs {runs}: expected 1 or more")
+    import torch
+
+    from capsctl import bench as bench_mod, export_bench
+
+    if threads:
+        torch.set_num_threads(threads)
+    r = export_bench.run(str(config) if config else None, set_, runs=runs, large=large)
+    r["cpu"], r["load_average"] = bench_mod.cpu_info(), bench_mod.load_average()
+    if as_json:
+        json_line(r)
+        return
+    table = Table(title=f"capsctl bench --export: inference on {r['cpu']}, {r['threads']} "
+                        f"threads, torch {r['torch']}, onnxruntime {r['onnxruntime']}; load "
+                        f"average {r['load_average']}", title_justify="left")
+    for col in ("model", "path", "batch 1 median ms", "batch 1 p99 ms", "runs",
+                "batch N images/s"):
+        table.add_column(col, justify="left" if col in ("model", "path") else "right")
+    for label, m in r["models"].items():
+        for path, row in m["paths"].items():
+            if isinstance(row, str):
+                table.add_row(label, path, row, "", "", "")
+            else:
+                table.add_row(label, path, f"{row['median_ms']:.2f}", f"{row['p99_ms']:.2f}",
+                              str(row["runs"]), f"{row['images_per_s']:,.0f} (N = "
+                                                f"{row['large_batch']})")
+    print_table(table)
 
 
 def register(app: typer.Typer) -> None:
