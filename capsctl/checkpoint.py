@@ -9,7 +9,6 @@ never execute code.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import pickletools
 import shutil
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from capsctl import config as config_mod
-from capsctl.atomic import write_atomically  # noqa: F401  (also checkpoint.write_atomically)
+from capsctl.atomic import write_atomically
 from capsctl.migrate import config_v1_to_v2
 from capsctl.errors import CheckpointError, TrainingError
 

@@ -34,7 +34,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from capsctl.errors import CapsctlError, CheckpointError
+from capsctl.errors import CapsctlError
 from capsctl.packing import DECODER_STORAGE, INT4_GROUP, pack
 
 MODEL_FILE, CARD_FILE, SLICE_FILE = "model.pt", "card.json", "slice.npz"
