@@ -85,9 +85,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
                               "checkpoint") from None
     except Exception as e:  # any other unpickling failure is still a bad file, not a bug
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
-        raise CheckpointError(f"{path}: not a capsctl checkpoint (missing "
-                              f"{', '.join(k for k in REQUIRED if not isinstance(state, dict) or k not in state)})")
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a capsctl checkpoint (missing {', '.join(missing)})")
     version = state["format_version"]
     if type(version) is not int or version < 1:
         raise CheckpointError(f"{path}: not a capsctl checkpoint (format_version {version!r})")
