@@ -48,6 +48,7 @@ INPUT_EXTS = IMAGE_EXTS | {ARRAY_EXT}
 MAX_ARRAY_BYTES = 1 << 28     # a .npy input larger than 256 MB is refused before it is read
 NATURAL = (isc.CIFAR10Options, isc.SVHNOptions, isc.FolderOptions)
 SCORE_NAMES = {"v": "|v|", "pose": "activation"}   # by the model's capsule_key; else "score"
+ONNX_SUFFIX = ".onnx"   # a model exported by `capsctl export` (run by onnxruntime)
 
 
 # --- the dataset's test-time preprocessing ------------------------------------------------------
@@ -371,6 +372,8 @@ def predict(checkpoint, files: list, device_name: str | None = None,
         raise CapsctlError(f"--top-k {top_k}: expected 1 or more")
     if recon_dir is not None:
         check_recon_dir(Path(recon_dir))
+    if Path(checkpoint).suffix.lower() == ONNX_SUFFIX:
+        return predict_onnx(checkpoint, files, batch_size, top_k, recon_dir, keep_going, force)
     device = resolve(device_name or "auto")
     model, cfg, state = load_model(checkpoint, device)
     if recon_dir is not None:
@@ -395,3 +398,43 @@ def predict(checkpoint, files: list, device_name: str | None = None,
             row["recon"] = str(save_recon(out["input"][b], out["recon"][b], view, path))
     return {"checkpoint": str(checkpoint), "dataset": cfg.data.name, "classes": names,
             "score_name": SCORE_NAMES.get(model.capsule_key, "score"), "rows": rows}
+
+
+def predict_onnx(path, files: list, batch_size: int | None = None, top_k: int = 3,
+                 recon_dir: str | Path | None = None, keep_going: bool = False,
+                 force: bool = False) -> dict:
+    """``predict`` with a model exported by ``capsctl export`` to ONNX, run by onnxruntime on
+    the CPU: the preprocessing and class names come from the file's metadata, the rows are
+    ``predict``'s. ``recon_dir`` needs a file exported ``--with-decoder``."""
+    from capsctl.export_runtime import onnx_session, run_onnx
+
+    session, meta = onnx_session(path)
+    if recon_dir is not None and "recon" not in meta["outputs"]:
+        raise CapsctlError(f"--recon: {path} was exported without the decoder (capsctl export "
+                           "--with-decoder)")
+    i = meta["input"]
+    view = Preprocessing(int(i["side"]), int(i["channels"]), int(i["crop"]),
+                         str(i["normalisation"]))
+    names = [str(n) for n in meta["classes"]]
+    inputs = list_inputs(files)
+    images = read_inputs(inputs, view)
+    if not keep_going:
+        _first_error(inputs)
+    good = [i for i in inputs if i.error is None]
+    targets = recon_paths(good, Path(recon_dir)) if recon_dir is not None else []
+    if not force:
+        check_not_there(targets, recon_dir)
+    fixed = meta["batch"] if isinstance(meta["batch"], int) else None
+    scores = torch.zeros(0, len(names))
+    if len(images):
+        x = model_input(torch.from_numpy(images), view)
+        outs = run_onnx(session, x.numpy(), fixed, batch_size or 100)
+        scores = torch.from_numpy(outs["scores"]).float()
+    rows = rows_of(inputs, scores, names, top_k)
+    if recon_dir is not None and len(images):
+        ok_rows = [r for r in rows if "error" not in r]
+        recon = torch.from_numpy(outs["recon"]).view_as(x)
+        for b, (row, target) in enumerate(zip(ok_rows, targets)):
+            row["recon"] = str(save_recon(x[b], recon[b], view, target))
+    return {"checkpoint": str(path), "dataset": meta["dataset"], "classes": names,
+            "score_name": meta.get("score_name", "score"), "rows": rows}
