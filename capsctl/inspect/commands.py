@@ -259,7 +259,7 @@ def _run_task_picture(model, cfg, state, source, task, indices, n, g, dev, check
         model.train(was)
     written = _write(image, png, tb_dir, f"inspect/{task.picture_tag}", state.get("step") or 0)
     return {**written, "examples": len(chosen), "misclassified": None, "mse": None,
-            "mask": "top-2 and labels", "dataset": name, "split": split,
+            "mask": task.picture_mask, "dataset": name, "split": split,
             "size": tuple(image.shape[1:])}
 
 

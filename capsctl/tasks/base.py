@@ -18,13 +18,15 @@ class Task:
     (``"y"``): a confusion matrix means something and examples can be picked by class.
     ``metrics``: the task's own evaluation metrics beyond accuracy, the names ``evaluate``
     reports them under (summed by ``metric_sums``, divided by the examples seen).
-    ``picture_tag``: the TensorBoard tag of the trainer's picture (``picture``)."""
+    ``picture_tag``: the TensorBoard tag of the trainer's picture (``picture``);
+    ``picture_mask``: which capsules it reconstructs from, in words."""
 
     name: str = ""
     label_keys: tuple[str, ...] = ("y",)
     one_label: bool = True
     metrics: tuple[str, ...] = ()
     picture_tag: str = "reconstructions"
+    picture_mask: str = "predicted"
 
     def model_labels(self, batch: dict) -> torch.Tensor:
         """The labels the model is given in training: (B,) for one label, else (B, L)."""

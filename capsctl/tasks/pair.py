@@ -67,6 +67,7 @@ class PairTask(Task):
     one_label = False
     metrics = ("at_least_one_accuracy", "bbox_overlap_of_smaller", "bbox_overlap_iou")
     picture_tag = "segmentation"
+    picture_mask = "top-2 and labels"
 
     def model_labels(self, batch: dict) -> torch.Tensor:
         """(B, 2): ``[y, y2]``."""
