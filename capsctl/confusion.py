@@ -2,7 +2,7 @@
 its picture (PNG for `capsctl eval --confusion`, TensorBoard for the trainer's final test).
 
 Shape legend: B batch, J classes (rows: the true class, columns: the predicted one).
-The picture's modules (PIL, inspect/draw.py) are imported when one is drawn.
+The picture's modules (PIL, inspection/draw.py) are imported when one is drawn.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ RIGHT_COLOUR, WRONG_COLOUR = (70, 200, 110), (255, 70, 70)
 def _cell_colour(share: float, right: bool) -> tuple[int, int, int]:
     """The page colour blended towards green (the diagonal) or red (mistakes) by ``share`` of
     the row; mistakes by its square root, so that rare ones still show."""
-    from capsctl.inspect.draw import PAGE
+    from capsctl.inspection.draw import PAGE
 
     t = share if right else share ** 0.5
     end = RIGHT_COLOUR if right else WRONG_COLOUR
@@ -47,7 +47,7 @@ def _vertical_label(words: str, size: int, height: int):
     """``words`` drawn bottom to top on an image ``height`` px tall (a column header)."""
     from PIL import Image, ImageDraw
 
-    from capsctl.inspect.draw import DIM_TEXT, PAGE, text
+    from capsctl.inspection.draw import DIM_TEXT, PAGE, text
 
     strip = Image.new("RGB", (height, size + 4), PAGE)
     text(ImageDraw.Draw(strip), (height - 4, (size + 4) // 2), words, size, DIM_TEXT, "rm")
@@ -57,7 +57,7 @@ def _vertical_label(words: str, size: int, height: int):
 def confusion_figure(confusion_JJ: list[list[int]], names: list[str],
                      title: list[str]) -> torch.Tensor:
     """The confusion matrix as a picture, (3, H, W) float in [0, 1] (see confusion_image)."""
-    from capsctl.inspect.draw import to_tensor
+    from capsctl.inspection.draw import to_tensor
 
     return to_tensor(confusion_image(confusion_JJ, names, title))
 
@@ -70,7 +70,7 @@ def confusion_image(confusion_JJ: list[list[int]], names: list[str], title: list
     from PIL import ImageDraw
 
     from capsctl.classes import short
-    from capsctl.inspect.draw import DIM_TEXT, LINE, TEXT, canvas, font, text, titled
+    from capsctl.inspection.draw import DIM_TEXT, LINE, TEXT, canvas, font, text, titled
 
     J = len(names)
     cell = max(8, min(36, round(480 / J)))
@@ -122,7 +122,7 @@ def check_confusion_target(path: str | Path | None) -> None:
 def confusion_png(results: list[dict], path: str | Path) -> Path:
     """Write the confusion matrices of ``results`` (those of one-label datasets) side by side
     into one PNG; returns its path."""
-    from capsctl.inspect.draw import save_png, stack, to_tensor
+    from capsctl.inspection.draw import save_png, stack, to_tensor
 
     panels = [confusion_image(
         r["confusion"], r["classes"],

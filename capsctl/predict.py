@@ -244,7 +244,7 @@ def run_model(model, images_NCSS: np.ndarray, view: Preprocessing, device: torch
     float on the CPU} and, with ``recon``, "input" and "recon" (N, C, crop, crop): what the model saw and
     its reconstruction from the predicted class's capsule."""
     from capsctl.device import autocast
-    from capsctl.inspect import probe
+    from capsctl.inspection import probe
 
     parts: dict[str, list[torch.Tensor]] = {"scores": [], "input": [], "recon": []}
     for start in range(0, len(images_NCSS), batch_size):
@@ -310,7 +310,7 @@ def save_recon(x_CHW: torch.Tensor, recon_CHW: torch.Tensor, view: Preprocessing
                path: Path) -> Path:
     """The input (as the model saw it) beside its reconstruction, upscaled to about 128 px,
     as a PNG at ``path``; returns it."""
-    from capsctl.inspect.draw import LINE, canvas, save_png, tile, to_tensor
+    from capsctl.inspection.draw import LINE, canvas, save_png, tile, to_tensor
 
     scale = max(1, min(8, 128 // x_CHW.shape[-1]))
     left, right = tile(shown(x_CHW, view), scale), tile(recon_CHW, scale)
@@ -366,7 +366,7 @@ def predict(checkpoint, files: list, device_name: str | None = None,
     from capsctl.checkpoint import load_model
     from capsctl.classes import class_names_of
     from capsctl.device import resolve
-    from capsctl.inspect import probe
+    from capsctl.inspection import probe
 
     if top_k < 1:
         raise CapsctlError(f"--top-k {top_k}: expected 1 or more")

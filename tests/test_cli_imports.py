@@ -66,7 +66,7 @@ def test_no_command_module_imports_the_root_or_another_command(module):
 
 def test_the_root_registers_the_command_modules():
     imported = _imported_modules(CLI_DIR / "__init__.py")
-    for name in ("train", "eval", "config", "bench", "inspect", "data"):
+    for name in ("train", "eval", "config", "bench", "inspection", "data"):
         assert f"capsctl.cli.{name}" in imported
 
 

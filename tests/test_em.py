@@ -296,7 +296,7 @@ def test_tiny_train_and_eval(tmp_path, fake_mnist):
     assert result["model"] == "em-capsnet" and result["n"] == 64
     assert result["accuracy"] == pytest.approx(summary["test_accuracy"])
     # capsctl routes draws the class layer's R per iteration on the ConvCaps2 grid
-    from capsctl.inspect.commands import run_routes
+    from capsctl.inspection.commands import run_routes
 
     r = run_routes(best, index=3, out=str(tmp_path / "routes.png"), no_tb=True, device="cpu",
                    data_root=str(fake_mnist))

@@ -17,10 +17,10 @@ from capsctl import checkpoint, tasks
 from capsctl.cli import app
 from capsctl.config import to_dict
 from capsctl.errors import CapsctlError
-from capsctl.inspect import commands, draw
-from capsctl.inspect.draw import tile
-from capsctl.inspect.figures import GAP, pair_grid, reconstruction_figure, segmentation_grid
-from capsctl.inspect.probe import (dimension_change, offsets_for, perturbations,
+from capsctl.inspection import commands, draw
+from capsctl.inspection.draw import tile
+from capsctl.inspection.figures import GAP, pair_grid, reconstruction_figure, segmentation_grid
+from capsctl.inspection.probe import (dimension_change, offsets_for, perturbations,
                                    reconstruct_batch, routing_maps, routing_statistics)
 from capsctl.models import build_model
 from conftest import REPO, tiny_config, write_fake_mnist
@@ -183,7 +183,7 @@ def test_a_model_without_routing_is_refused():
 def test_inspection_reads_models_only_through_the_contract():
     """No attribute or key probing: the declared capsule_key / has_decoder / routing_layout /
     routing_label / decode and the source's task say what a model and a batch have."""
-    for path in sorted((REPO / "capsctl" / "inspect").glob("*.py")):
+    for path in sorted((REPO / "capsctl" / "inspection").glob("*.py")):
         text = path.read_text()
         for pattern in (r"\bgetattr\(", r"\bhasattr\(", r"\"y2\" in", r"\"v\" in",
                         r"\"pose\" in", r"\.(decoder|primary|digits)\b(?!:)",

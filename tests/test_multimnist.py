@@ -21,8 +21,8 @@ from capsctl.data.multimnist import (ClassIndex, MultiEvalSource, MultiTrainStre
 from capsctl.data.build import build_eval
 from capsctl.data.registry import DATASETS, PAIR, SINGLE
 from capsctl.evaluate import evaluate
-from capsctl.inspect.draw import save_png
-from capsctl.inspect.figures import GAP
+from capsctl.inspection.draw import save_png
+from capsctl.inspection.figures import GAP
 from capsctl.models import MODELS, build_model, count_parameters, loss_fn
 from capsctl.models.losses import multilabel_bce_losses, multimnist_losses
 from capsctl.tasks import get as task_of

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from capsctl import __version__
-from capsctl.cli import bench, compare, config, data, eval, export, inspect, plot, \
+from capsctl.cli import bench, compare, config, data, eval, export, inspection, plot, \
     predict, pretrained, sweep, train
 from capsctl.cli.options import CapsctlGroup, debug, error_line, out
 from capsctl.errors import CapsctlError
@@ -37,7 +37,7 @@ def _root(version: Annotated[Optional[bool], typer.Option(
     tune_allocator()
 
 
-for _module in (train, eval, predict, export, config, bench, inspect, compare, plot, sweep,
+for _module in (train, eval, predict, export, config, bench, inspection, compare, plot, sweep,
                 pretrained, data):  # the order of `capsctl --help`
     _module.register(app)
 

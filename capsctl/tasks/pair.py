@@ -91,9 +91,9 @@ class PairTask(Task):
 
     def picture(self, model, batch: dict, device: torch.device,
                 precision: str) -> torch.Tensor:
-        """The segmentation picture (inspect/figures.py): the two digits reconstructed from
+        """The segmentation picture (inspection/figures.py): the two digits reconstructed from
         the two longest capsules, overlaid in red and green (fp32)."""
-        from capsctl.inspect.figures import segmentation_grid
+        from capsctl.inspection.figures import segmentation_grid
 
         return segmentation_grid(model, batch["x"], self.model_labels(batch), device)
 

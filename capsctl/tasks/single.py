@@ -22,7 +22,7 @@ class SingleTask(Task):
     def picture(self, model, batch: dict, device: torch.device,
                 precision: str) -> torch.Tensor:
         """Inputs above the reconstructions from the predicted class capsules."""
-        from capsctl.inspect.figures import pair_grid
+        from capsctl.inspection.figures import pair_grid
 
         with autocast(device, precision):
             out = model(batch["x"])

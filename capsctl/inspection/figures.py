@@ -19,8 +19,8 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from capsctl.inspect import probe
-from capsctl.inspect.draw import (BAD, DIM_TEXT, LINE, MARK, PAGE, TEXT, canvas, diverging,
+from capsctl.inspection import probe
+from capsctl.inspection.draw import (BAD, DIM_TEXT, LINE, MARK, PAGE, TEXT, canvas, diverging,
                                   font, frame, heat_tile, legend, text, tile, titled, to_tensor)
 
 # what a row of routing maps is called, by the model's declared routing_label:

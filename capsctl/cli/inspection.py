@@ -1,5 +1,5 @@
 """capsctl reconstruct, perturb and routes: pictures from a checkpoint. Each command parses its
-options, calls capsctl.inspect.commands.run_* (which checks every option before writing) and
+options, calls capsctl.inspection.commands.run_* (which checks every option before writing) and
 prints a summary. torch is imported inside the commands, so their --help stays light."""
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def reconstruct(
     --indices 3,17,42 --mask label --out recon.png
     """
     chosen = _indices(indices)
-    from capsctl.inspect.commands import run_reconstruct
+    from capsctl.inspection.commands import run_reconstruct
 
     r = run_reconstruct(checkpoint, dataset, split, n, chosen, not plain, mask, seed, out_, tb,
                         no_tb, device, data_root_text(data_root), scale)
@@ -157,7 +157,7 @@ def perturb(
     Examples: capsctl perturb runs/mnist; capsctl perturb runs/mnist --digit 6 --range 0.3
     --step 0.1
     """
-    from capsctl.inspect.commands import run_perturb
+    from capsctl.inspection.commands import run_perturb
 
     r = run_perturb(checkpoint, index, digit, label, range_, step, dataset, split, out_, tb,
                     no_tb, device, data_root_text(data_root), scale)
@@ -236,7 +236,7 @@ def routes(
     Examples: capsctl routes runs/mnist --index 7; capsctl routes runs/mnist --digit 3 --json;
     capsctl routes runs/mnist --summary 1000
     """
-    from capsctl.inspect.commands import run_routes, run_routes_summary
+    from capsctl.inspection.commands import run_routes, run_routes_summary
 
     if summary is not None:
         given = [flag for flag, value in (("--index", index), ("--digit", digit), ("--out", out_),

@@ -18,7 +18,7 @@ from capsctl import tasks
 from capsctl.compare import routing_of
 from capsctl.paths import nearest_existing
 from capsctl.errors import CapsctlError
-from capsctl.inspect import draw, figures, probe
+from capsctl.inspection import draw, figures, probe
 
 SPLITS = ("test", "val")
 MASKS = ("predicted", "label")
