@@ -23,6 +23,7 @@ from capsctl import config as config_mod
 from capsctl.atomic import write_atomically
 from capsctl.migrate import config_v1_to_v2
 from capsctl.errors import CheckpointError, TrainingError
+from capsctl.runfolder import RunFolder
 
 FORMAT_VERSION = 2  # 2: per-family/per-dataset config sections (capsctl 0.2); 1 is migrated
 REQUIRED = ("format_version", "model", "config")
@@ -54,7 +55,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     """Load and check a checkpoint; every failure is a one-line CheckpointError."""
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt",
+        for candidate in (RunFolder(path).best, path / RunFolder.BEST,
                           path / "model.pt"):  # a run folder, or a pretrained model's
             if candidate.is_file():
                 path = candidate

@@ -13,15 +13,15 @@ throughput; pauses of an interrupted run count). Torch is imported only to count
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from capsctl.errors import CapsctlError
+from capsctl.runfolder import MAX_TIME, RunFolder, Unreadable, finished, read_metrics  # noqa: F401
 
-CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
+CONFIG_FILE, METRICS_FILE = RunFolder.CONFIG, RunFolder.METRICS
 NO_ROUTING = {"cnn": "none", "multimnist-cnn": "none", "em-capsnet": "em",
               "efficient-capsnet": "self-attention"}
 
@@ -43,67 +43,6 @@ class RunRow:
     finished: bool = False
     wall_s: float | None = None
     unreadable: str | None = None   # why the folder's files cannot be compared (a row still)
-
-
-class Unreadable(CapsctlError):
-    """A run folder's config.yaml or metrics.jsonl holds what capsctl never writes."""
-
-
-MAX_TIME = 1e11        # a row's "time" is Unix seconds: 0 up to the year 5138
-MAX_STEP = 2 ** 63
-
-
-def _non_finite(text: str):
-    raise ValueError(f"non-finite number {text}")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text[:30]} beyond a float")
-    return value
-
-
-def _check_row(row: dict, n: int, path: Path) -> None:
-    """Unreadable unless the row's step and time are what the trainer writes."""
-    step, when = row["step"], row.get("time")
-    if not 0 <= step < MAX_STEP:
-        raise Unreadable(f"{path.name} line {n}: step {str(step)[:30]} is not a step count")
-    if when is not None and (isinstance(when, bool) or not isinstance(when, (int, float))
-                             or not 0 <= when < MAX_TIME):
-        raise Unreadable(f"{path.name} line {n}: time {str(when)[:30]} is not a time in "
-                         "seconds")
-
-
-def read_metrics(path: Path, strict: bool = False) -> list[dict]:
-    """The rows of metrics.jsonl; a torn or foreign line (a kill mid-write) is skipped.
-    ``strict``: a row with a number capsctl never writes (Infinity, NaN, 1e400, a time that
-    is not Unix seconds, a negative step) raises Unreadable naming the line."""
-    rows = []
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return rows
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
-            continue
-        if strict:
-            try:
-                json.loads(line, parse_constant=_non_finite, parse_float=_finite_float)
-            except ValueError as e:
-                raise Unreadable(f"{path.name} line {n}: {e}") from None
-            _check_row(row, n, path)
-        rows.append(row)
-    return rows
-
-
-def finished(rows: list[dict]) -> bool:
-    """True when the run tested its best model: the final ``test/accuracy`` row is there."""
-    return any(isinstance(r.get("test/accuracy"), (int, float)) for r in rows)
 
 
 def _numbers(rows: list[dict], key: str) -> list[float]:
@@ -165,7 +104,8 @@ def read_run(folder: Path, count_parameters: bool = True) -> RunRow:
     folder = Path(folder)
     if not folder.is_dir():
         raise CapsctlError(f"compare: {folder} is not a run folder (no such directory)")
-    if not (folder / CONFIG_FILE).is_file() and not (folder / METRICS_FILE).is_file():
+    run = RunFolder(folder)
+    if not run.holds_a_run():
         raise CapsctlError(f"compare: {folder} holds neither {CONFIG_FILE} nor {METRICS_FILE}; "
                            "is it a run folder?")
     row = RunRow(run=str(folder), name=folder.name)
@@ -178,7 +118,8 @@ def read_run(folder: Path, count_parameters: bool = True) -> RunRow:
 
 
 def _fill(row: RunRow, folder: Path, count_parameters: bool) -> None:
-    config = _read_config(folder / CONFIG_FILE)
+    run = RunFolder(folder)
+    config = _read_config(run.config)
     model, data, train = (_section(config, s) for s in ("model", "data", "train"))
     for section, key, value in (("model", "name", model.get("name")),
                                 ("model", "routing", _routing_name(model)),
@@ -188,8 +129,8 @@ def _fill(row: RunRow, folder: Path, count_parameters: bool) -> None:
     row.model, row.routing = model.get("name"), routing_of(model)
     row.dataset = data.get("name")
     if count_parameters and config:
-        row.parameters = parameter_count(config, str(folder / CONFIG_FILE))
-    rows = read_metrics(folder / METRICS_FILE, strict=True)
+        row.parameters = parameter_count(config, str(run.config))
+    rows = run.rows(strict=True)
     rates = _numbers(rows, "images_per_s")
     row.images_per_s = statistics.median(rates) if rates else None
     val = _numbers(rows, "val/accuracy")

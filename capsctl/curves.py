@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsctl.compare import METRICS_FILE, finished, read_metrics
+from capsctl.runfolder import RunFolder, finished
 from capsctl.errors import CapsctlError
 
 LOSS_KEY = "train/loss_total"
@@ -88,9 +88,10 @@ def read_curve(folder: Path) -> Curve:
     folder = Path(folder)
     if not folder.is_dir():
         raise CapsctlError(f"plot: {folder} is not a run folder (no such directory)")
-    if not (folder / METRICS_FILE).is_file():
-        raise CapsctlError(f"plot: {folder} holds no {METRICS_FILE}; is it a run folder?")
-    rows = read_metrics(folder / METRICS_FILE)
+    run = RunFolder(folder)
+    if not run.metrics.is_file():
+        raise CapsctlError(f"plot: {folder} holds no {run.METRICS}; is it a run folder?")
+    rows = run.rows()
     curve = Curve(run=str(folder), name=folder.resolve().name or str(folder))
     spe = curve.steps_per_epoch = steps_per_epoch(rows)
     at = (lambda s: round(s / spe, 4)) if spe else (lambda s: None)
@@ -105,7 +106,7 @@ def read_curve(folder: Path) -> Curve:
     curve.test_error = tests[-1][1] if tests else None
     curve.finished = finished(rows)
     if not curve.val_error and not curve.train_loss:
-        raise CapsctlError(f"plot: {folder / METRICS_FILE} has no training or validation rows "
+        raise CapsctlError(f"plot: {run.metrics} has no training or validation rows "
                            "to draw yet")
     return curve
 

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from capsctl.runfolder import RunFolder
+
 REPO = Path(__file__).resolve().parents[1]
 BENCHES = [("configs/mnist.yaml", p, c) for p, c in (("fp32", 0), ("bf16", 0), ("bf16", 1))] + [
     ("configs/efficient-capsnet.yaml", p, c) for p, c in (("fp32", 0), ("bf16", 0))]
@@ -52,7 +54,7 @@ def _epoch() -> dict:
                         "--run-dir", tmp, "--name", "epoch", "--set", "train.epochs=1",
                         "--set", "train.precision=bf16", timeout=420)
         wall = time.perf_counter() - t0
-        metrics = Path(tmp) / "epoch" / "metrics.jsonl"
+        metrics = RunFolder(Path(tmp) / "epoch").metrics
         if done.returncode != 0 or not metrics.is_file():
             return {"what": "MNIST 1 epoch bf16", "error": done.stderr.strip()[-300:]}
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]

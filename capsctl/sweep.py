@@ -139,32 +139,25 @@ def _check_distinct(points: list[Point]) -> None:
         seen[key] = p
 
 
-def is_finished(folder: Path, cfg) -> bool:
-    """True when the run in ``folder`` tested its best model (``training.rundir``)."""
-    from capsctl.training.rundir import is_finished as finished
-
-    return finished(folder, cfg)
-
-
 def status(folder: Path, cfg, force: bool = False) -> str:
     """What a rerun does with a grid point's folder: NEW (none yet), DONE (finished with this
     config: skip), RESUME (checkpoints/last.pt; also a finished run whose budget, train.epochs
     or max_steps, changed) or RESTART (a folder without a checkpoint; with ``force`` also one
     holding a run of another config, moved aside). A folder of another config without
-    ``force`` is a one-line error naming the differing keys (``training.rundir.folder_state``:
-    the answer `capsctl train` gives too)."""
-    from capsctl.training import rundir
+    ``force`` is a one-line error naming the differing keys (``RunFolder.state``: the answer
+    `capsctl train` gives too, by the one resume rule of capsctl/runfolder.py)."""
+    from capsctl import runfolder
 
-    state = rundir.folder_state(folder, cfg)
-    if state.kind == rundir.FOREIGN:
+    state = runfolder.RunFolder(folder).state(cfg)
+    if state.kind == runfolder.FOREIGN:
         if force:
             return RESTART
         raise CapsctlError(f"sweep: {folder} holds a run of another config "
                            f"({', '.join(state.differ[:5])}; in the folder -> asked now); rerun "
                            "with --force to train it again (the old folder is moved aside), or "
                            "choose another --name")
-    return {rundir.NEW: NEW, rundir.FINISHED: DONE, rundir.RESUMABLE: RESUME,
-            rundir.STARTED: RESTART}[state.kind]
+    return {runfolder.NEW: NEW, runfolder.FINISHED: DONE, runfolder.RESUMABLE: RESUME,
+            runfolder.STARTED: RESTART}[state.kind]
 
 
 def check_same_run(folder: Path, cfg) -> None:

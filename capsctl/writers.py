@@ -113,5 +113,7 @@ class Writers:
 
 def for_run(run_dir: Path, purge_step: int | None = None) -> Writers:
     """TensorBoard (``run_dir``/tb, events from ``purge_step`` on hidden) and metrics.jsonl."""
-    return Writers(TensorBoardWriter(run_dir / "tb", purge_step=purge_step),
-                   JsonlWriter(run_dir / "metrics.jsonl"))
+    from capsctl.runfolder import RunFolder
+
+    run = RunFolder(run_dir)
+    return Writers(TensorBoardWriter(run.tb, purge_step=purge_step), JsonlWriter(run.metrics))

@@ -18,7 +18,8 @@ from conftest import REPO
 PACKAGE = REPO / "capsctl"
 MAX_LINES = 100  # a function spans fewer lines than this, decorators not counted
 TORCH_FREE = ["capsctl.config", "capsctl.models", "capsctl.models.registry",
-              "capsctl.data.registry", "capsctl.migrate", "capsctl.tasks", "capsctl.lazy"]
+              "capsctl.data.registry", "capsctl.migrate", "capsctl.tasks", "capsctl.lazy",
+              "capsctl.runfolder"]
 
 
 def module_name(path: Path) -> str:
@@ -243,3 +244,32 @@ def test_no_module_or_package_is_named_like_a_standard_library_module():
     """`capsctl/inspect/` once shadowed the standard library's `inspect` (now capsctl.inspection)."""
     named = {name for name in SOURCES if name.split(".")[-1] in sys.stdlib_module_names}
     assert named <= STDLIB_NAMED_BEFORE, f"rename: {sorted(named - STDLIB_NAMED_BEFORE)}"
+
+
+RUN_FOLDER_NAMES = {"checkpoints", "last.pt", "best.pt", "config.yaml", "metrics.jsonl", "tb",
+                    ".lock"}
+RUN_FOLDER_OWNER = "capsctl.runfolder"
+
+
+def _spells_a_run_folder_name(text: str) -> bool:
+    """A string that names a run folder's file as a path: the name itself, or a path ending
+    in or starting with it (prose, with spaces, only mentions it)."""
+    return not any(c.isspace() for c in text) and any(
+        text == n or text.endswith("/" + n) or text.startswith(n + "/") for n in RUN_FOLDER_NAMES)
+
+
+def test_the_run_folder_file_names_are_spelled_in_one_module():
+    """capsctl/runfolder.py (RunFolder) owns last.pt, best.pt, config.yaml, metrics.jsonl, tb/,
+    .lock and checkpoints/; every other module asks it (a JSON key is no file name)."""
+    found = []
+    for name, path in SOURCES.items():
+        if name == RUN_FOLDER_OWNER:
+            continue
+        tree = parsed(path)
+        dict_keys = {id(k) for node in ast.walk(tree) if isinstance(node, ast.Dict)
+                     for k in node.keys if k is not None}
+        found += [f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}"
+                  for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and id(node) not in dict_keys and _spells_a_run_folder_name(node.value)]
+    assert not found, "ask capsctl.runfolder.RunFolder instead: " + "; ".join(found)

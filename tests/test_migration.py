@@ -364,7 +364,7 @@ def test_a_run_folder_of_format_2_holds_the_same_config():
     """A run folder's config.yaml written before model.routing had its own keys is a run of the
     same config (a sweep over it continues), and a changed flat key still differs."""
     from capsctl.migrate import nest_routing
-    from capsctl.training.rundir import config_differences
+    from capsctl.runfolder import config_differences
 
     cfg = from_dict({"model": {"routing": {"name": "uniform", "class_bias": True}}})
     stored = to_dict(cfg)

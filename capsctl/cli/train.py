@@ -33,22 +33,21 @@ def _resume_config(folder: Path, set_: list[str], root_flag: str | None):
     """The config stored in ``folder``'s last.pt (or, for a run that died before its first
     checkpoint, its config.yaml) with the allowed train.* overrides applied."""
     from capsctl import checkpoint, config as config_mod
+    from capsctl.runfolder import RunFolder, check_resume_key
 
-    last = folder / "checkpoints" / "last.pt"
-    if last.is_file():
-        state = checkpoint.load(last)
-        cfg = checkpoint.config_of(state, last)
-    elif (folder / "config.yaml").is_file():  # train() starts it again from step 0
-        cfg = config_mod.load(folder / "config.yaml", (), root_flag)
+    run = RunFolder(folder)
+    if run.last.is_file():
+        state = checkpoint.load(run.last)
+        cfg = checkpoint.config_of(state, run.last)
+    elif run.config.is_file():  # train() starts it again from step 0
+        cfg = config_mod.load(run.config, (), root_flag)
     elif folder.is_dir():
         raise CapsctlError(f"--resume {folder}: nothing to resume (no checkpoints/last.pt, no "
                            "config.yaml): start the run again without --resume")
     else:
         raise CapsctlError(f"--resume {folder}: no such run folder")
     for key, value in config_mod.parse_overrides(set_):
-        if not key.startswith("train.") or key in ("train.batch_size", "train.seed"):
-            raise CapsctlError(f"--set {key}: only train.* keys (not batch_size or seed) can "
-                               "change when resuming; start a new run instead")
+        check_resume_key(key)   # the rule `capsctl sweep` applies to a folder too
         config_mod.set_key(cfg, key, value)
     config_mod.validate(cfg, "--set")  # train() rewrites config.yaml once resumed
     return cfg

@@ -17,6 +17,7 @@ import torch
 from capsctl import tasks
 from capsctl.compare import routing_of
 from capsctl.paths import nearest_existing
+from capsctl.runfolder import RunFolder
 from capsctl.errors import CapsctlError
 from capsctl.inspection import draw, figures, probe
 
@@ -28,10 +29,7 @@ MASKS = ("predicted", "label")
 
 def run_folder(checkpoint: str | Path) -> Path:
     """The run folder of a checkpoint: RUN for RUN/checkpoints/X.pt or a folder argument."""
-    p = Path(checkpoint)
-    if p.is_dir():
-        return p
-    return p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    return RunFolder.of_checkpoint(checkpoint).root
 
 
 def _writable_folder(folder: Path, what: str) -> None:
@@ -52,7 +50,7 @@ def targets(out, default_name: str, checkpoint, tb, no_tb: bool) -> tuple[Path, 
     _writable_folder(png.parent, f"--out {png}")
     if no_tb:
         return png, None
-    tb_dir = Path(tb) if tb else run_folder(checkpoint) / "tb"
+    tb_dir = Path(tb) if tb else RunFolder.of_checkpoint(checkpoint).tb
     _writable_folder(tb_dir, f"--tb {tb_dir} (or --no-tb)")
     return png, tb_dir
 

@@ -31,8 +31,9 @@ from capsctl.measure import evaluate
 from capsctl.models import build_model, count_parameters, loss_fn
 from capsctl.tasks.base import Task
 from capsctl.training.metrics import Metrics
-from capsctl.training.rundir import (RunLock, RunPaths, claim_run_dir, metrics_size,
-                                     tidy_for_resume, write_config)
+from capsctl.runfolder import RunFolder
+from capsctl.training.rundir import (RunLock, claim_run_dir, metrics_size, tidy_for_resume,
+                                     write_config)
 from capsctl.training.signals import Interrupted, SignalStop, agree_flags
 from capsctl.training.state import TrainState, rng_state, set_rng_state
 from capsctl.training.step import build_optimizer, lr_at, train_step
@@ -54,7 +55,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | 
     """
     r = None
     try:
-        r = _prepare(cfg, RunPaths(run_dir), device, data_root, group,
+        r = _prepare(cfg, RunFolder(run_dir), device, data_root, group,
                      console or Console(stderr=True))
         _open_run(r, resume, force)  # everything checked: the folder is locked (made) only now
         started = time.perf_counter()
@@ -81,7 +82,7 @@ class _Run:
     """Everything one training run works with."""
 
     cfg: Config
-    paths: RunPaths
+    paths: RunFolder
     device: torch.device
     group: Group
     console: Console
@@ -120,7 +121,7 @@ def _agreed(fn: Callable, group: Group):
     return held[0] if held else None
 
 
-def _prepare(cfg: Config, paths: RunPaths, device, data_root, group: Group,
+def _prepare(cfg: Config, paths: RunFolder, device, data_root, group: Group,
              console: Console) -> _Run:
     """Data, model, optimizer, a fresh state, the final_eval sources; the first batch is run
     once (forward and backward) so a batch too big for memory fails now. Writes nothing."""

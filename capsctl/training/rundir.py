@@ -1,49 +1,18 @@
-"""The run folder: its layout (``RunPaths``), creating it (never overwriting one), the lock that
-keeps it to one process, config.yaml, and cutting metrics.jsonl back to a resumed checkpoint.
-Torch-free."""
+"""Making a run folder (its layout and what it holds are capsctl/runfolder.py's ``RunFolder``):
+creating it (never overwriting one), the lock that keeps it to one process, writing its
+config.yaml, and cutting its metrics.jsonl back to a resumed checkpoint. Torch-free."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from capsctl.paths import nearest_existing, writable_folder
 from capsctl.config import Config, dump
 from capsctl.errors import CapsctlError, TrainingError
-
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where a run keeps its files."""
-
-    root: Path
-
-    @property
-    def last(self) -> Path:
-        return self.root / "checkpoints" / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.root / "checkpoints" / "best.pt"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS_FILE
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG_FILE
-
-
-LOCK_FILE = ".lock"
-UNUSED = {LOCK_FILE, "checkpoints"}   # what a folder holds before its run wrote anything
-
+from capsctl.runfolder import FOREIGN, FINISHED, RESUMABLE, STARTED, FolderState, RunFolder
 
 def holder(run_dir: Path) -> int | None:
     """The PID of the process training in ``run_dir`` (it holds the folder's lock), 0 when the
@@ -51,7 +20,7 @@ def holder(run_dir: Path) -> int | None:
     import fcntl
 
     try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+        fd = os.open(RunFolder(run_dir).lock, os.O_RDONLY)
     except OSError:
         return None
     try:
@@ -83,7 +52,7 @@ class RunLock:
         """Take the lock or raise a one-line error naming the holder's PID."""
         import fcntl
 
-        path = self.run_dir / LOCK_FILE
+        path = RunFolder(self.run_dir).lock
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -111,15 +80,8 @@ class RunLock:
 
 
 def is_unused(run_dir: Path) -> bool:
-    """A folder no run wrote into yet (only an empty checkpoints/ and the lock file): made by
-    prepare_run_dir, or by a run that died before writing its config. It may be reused."""
-    checkpoints = run_dir / "checkpoints"
-    try:
-        names = {p.name for p in run_dir.iterdir()}
-        return names <= UNUSED and ("checkpoints" not in names or (
-            checkpoints.is_dir() and not any(checkpoints.iterdir())))
-    except OSError:
-        return False
+    """A folder no run wrote into yet (RunFolder.is_unused)."""
+    return RunFolder(run_dir).is_unused()
 
 
 def _writable_parent(run_dir: Path) -> None:
@@ -131,92 +93,9 @@ def _writable_parent(run_dir: Path) -> None:
                            "folder; pick another --run-dir")
 
 
-# --- what an existing run folder holds: the answer of `train` and of `sweep` ----------------
-
-NEW, FINISHED, RESUMABLE, STARTED, FOREIGN = "new", "finished", "resumable", "started", "foreign"
-FIXED_TRAIN_KEYS = ("batch_size", "seed", "precision")   # what a resume cannot change
-BUDGET_KEYS = ("epochs", "max_steps")                    # more of them: a finished run resumes
-INCIDENTAL_KEYS = {"data.root", "data.download", "data.workers"}  # where, not what
-
-
-@dataclass(frozen=True)
-class FolderState:
-    """What an existing run folder holds compared with the config asked for now: ``kind`` is
-    NEW (nothing yet), FINISHED (tested, this config and budget), RESUMABLE (this config,
-    checkpoints/last.pt: unfinished, or finished with another budget), STARTED (this config,
-    no checkpoint yet) or FOREIGN (another config: ``differ`` names each differing key)."""
-
-    kind: str
-    differ: tuple[str, ...] = ()
-
-
-def _short_value(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 30 else text[:27] + "..."
-
-
-def config_differences(stored: dict, cfg: Config) -> list[str]:
-    """The keys whose value in ``stored`` (a run folder's config.yaml) differs from ``cfg``'s,
-    as ``section.key (stored in the folder -> asked now)``: every key of model, loss, data and
-    optim (not where the data lives: data.root, download, workers) and the train keys a resume
-    cannot change. Keys only one of the two has (another capsctl version) are not compared."""
-    from capsctl.config import to_dict
-    from capsctl.migrate import nest_routing
-
-    mine, differ = to_dict(cfg), []
-    for section in ("model", "loss", "data", "optim", "train"):
-        theirs = stored.get(section) if isinstance(stored.get(section), dict) else {}
-        theirs = nest_routing(theirs) if section == "model" else theirs  # format 2's flat keys
-        keys = set(mine[section]) & set(theirs)
-        if section == "train":
-            keys &= set(FIXED_TRAIN_KEYS)
-        differ += [f"{section}.{k} ({_short_value(theirs[k])} -> "
-                   f"{_short_value(mine[section][k])})"
-                   for k in sorted(keys) if theirs[k] != mine[section][k]
-                   and f"{section}.{k}" not in INCIDENTAL_KEYS]
-    return differ
-
-
-def stored_config(run_dir: Path) -> dict | None:
-    """``run_dir``/config.yaml as a mapping (None when absent); one line when it is not one."""
-    from capsctl.config import read_yaml
-
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        return None
-    stored = read_yaml(path)
-    if not isinstance(stored, dict):
-        raise CapsctlError(f"{path} is not a config mapping; move {run_dir} away")
-    return stored
-
-
-def is_finished(run_dir: Path, cfg: Config) -> bool:
-    """True when the run in ``run_dir`` tested its best model: the final test row, and a row
-    for every ``train.final_eval`` dataset of ``cfg``."""
-    from capsctl.compare import read_metrics
-
-    keys = {k for row in read_metrics(run_dir / METRICS_FILE) for k in row}
-    return "test/accuracy" in keys and all(f"test/{name}/accuracy" in keys
-                                           for name in cfg.train.final_eval)
-
-
 def folder_state(run_dir: Path, cfg: Config) -> FolderState:
-    """What ``run_dir`` holds for a run of ``cfg`` (see FolderState). Writes nothing."""
-    if not run_dir.exists() or is_unused(run_dir):
-        return FolderState(NEW)
-    stored = stored_config(run_dir)
-    if stored is not None:
-        differ = config_differences(stored, cfg)
-        if differ:
-            return FolderState(FOREIGN, tuple(differ))
-    train = (stored or {}).get("train")
-    train = train if isinstance(train, dict) else {}
-    same_budget = all(train.get(k) == getattr(cfg.train, k) for k in BUDGET_KEYS)
-    if same_budget and is_finished(run_dir, cfg):
-        return FolderState(FINISHED)
-    if RunPaths(run_dir).last.is_file():
-        return FolderState(RESUMABLE)
-    return FolderState(STARTED)
+    """What ``run_dir`` holds for a run of ``cfg`` (RunFolder.state). Writes nothing."""
+    return RunFolder(run_dir).state(cfg)
 
 
 HOLDS = {FINISHED: "a finished run of this config",
@@ -268,13 +147,13 @@ def prepare_run_dir(runs_root: Path, name: str, force: bool) -> Path:
     if run_dir.exists() and force:
         _move_aside(run_dir)
     try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        RunFolder(run_dir).checkpoints.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CapsctlError(f"cannot create run folder {run_dir}: {e.strerror or e}") from None
     return run_dir
 
 
-def claim_run_dir(paths: RunPaths, resume: bool, force: bool) -> RunLock:
+def claim_run_dir(paths: RunFolder, resume: bool, force: bool) -> RunLock:
     """Lock the run folder for this process: an existing one (``resume``), or a new one,
     created now (``force``: an unlocked old one moved aside first; an unused one reused).
     Returns the held lock; raises a one-line error when another process holds it."""
@@ -296,21 +175,21 @@ def claim_run_dir(paths: RunPaths, resume: bool, force: bool) -> RunLock:
         check_run_dir(root.parent, root.name, False)  # names the holder, or "already exists"
         raise CapsctlError(f"run folder {root} already exists")
     try:
-        (root / "checkpoints").mkdir(exist_ok=True)
+        paths.checkpoints.mkdir(exist_ok=True)
     except OSError as e:
         lock.release()
         raise CapsctlError(f"cannot create run folder {root}: {e.strerror or e}") from None
     return lock
 
 
-def write_config(paths: RunPaths, cfg: Config) -> None:
+def write_config(paths: RunFolder, cfg: Config) -> None:
     """config.yaml, replaced atomically and only when it changes (resume with --set)."""
     path = paths.config
     text = "# resolved configuration of this run (capsctl)\n" + dump(cfg)
     try:
         if path.is_file() and path.read_text(encoding="utf-8") == text:
             return
-        tmp = path.with_name(f".{CONFIG_FILE}.tmp")
+        tmp = path.with_name(f".{path.name}.tmp")
         try:
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, path)
@@ -321,13 +200,13 @@ def write_config(paths: RunPaths, cfg: Config) -> None:
                             "permissions") from None
 
 
-def metrics_size(paths: RunPaths) -> int:
+def metrics_size(paths: RunFolder) -> int:
     """metrics.jsonl's length in bytes (0 when absent): it is flushed per row, so its size
     marks the rows logged before a checkpoint."""
     return paths.metrics.stat().st_size if paths.metrics.is_file() else 0
 
 
-def tidy_for_resume(paths: RunPaths, metrics_bytes: int | None) -> None:
+def tidy_for_resume(paths: RunFolder, metrics_bytes: int | None) -> None:
     """Before resuming: remove temp files left by a kill during a checkpoint save, and cut
     metrics.jsonl back to its length when the resumed checkpoint was written (rows logged after
     it, and a line torn by a kill, are recomputed), so the file reads as one run."""
