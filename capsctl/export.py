@@ -462,6 +462,10 @@ def _write_and_check(graph, example, tmp: Path, fmt: str, meta: dict, x, ref, ba
 
 
 def _sync(path: Path) -> None:
+    """Flush ``path`` to disk and give it a new file's permissions (mkstemp makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 

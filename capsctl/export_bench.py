@@ -23,8 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from capsctl.export import TOLERANCE, compare, graph_of, reference, require_onnx, write_onnx, \
-    write_torchscript
+from capsctl.export import TOLERANCE, _quiet, compare, graph_of, reference, require_onnx, \
+    write_onnx, write_torchscript
 
 PATHS = ("eager torch", "eager + C kernel", "TorchScript", "ONNX Runtime")
 MODELS = {"CapsNet (paper)": [], "Efficient-CapsNet": ["model.name=efficient-capsnet"]}
@@ -89,7 +89,8 @@ def _runners(model, folder: Path, x_check: np.ndarray, threads: int) -> dict:
     onnx_path, ts_path = folder / "model.onnx", folder / "model.pt"
     write_onnx(graph, example, onnx_path, True)
     write_torchscript(graph, example, ts_path, {})
-    traced = torch.jit.load(str(ts_path))
+    with _quiet():
+        traced = torch.jit.load(str(ts_path))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3

@@ -5,6 +5,7 @@ predicts; docs/export.md's plain-Python example runs. Tiny widths, a small MNIST
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -278,16 +279,32 @@ def test_the_plain_python_example_of_the_docs_runs(tmp_path, capsnet, capsnet_on
 
 # --- bench --export ---------------------------------------------------------------------------------
 
-def test_bench_export_times_every_path(monkeypatch):
+def test_bench_export_times_every_path():
     from capsctl import export_bench
 
-    r = export_bench.run(None, ["model.conv1_channels=8", "model.primary_types=2",
-                                "model.decoder=false"], runs=3, large=4, large_runs=1)
-    (model,) = r["models"].values()
-    assert list(model["paths"]) == list(export_bench.PATHS)
+    r = cli("bench", "--export", "--runs", "3", "--large-batch", "4", "--json",
+            "--set", "model.conv1_channels=8", "--set", "model.primary_types=2",
+            "--set", "model.decoder=false")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    (model,) = result["models"].values()
+    assert list(model["paths"]) == list(export_bench.PATHS) and result["load_average"]
     for name, row in model["paths"].items():
         if isinstance(row, str):
             assert name == "eager + C kernel" and row.startswith("n/a"), row
         else:
             assert row["runs"] == 3 and row["large_batch"] == 4
             assert 0 < row["median_ms"] <= row["p99_ms"] and row["images_per_s"] > 0
+    table = export_bench_table(result)
+    assert "ONNX Runtime" in table and "batch 1 p99 ms" in table
+    one_line_error(cli("bench", "--export", "--runs", "0"), "--runs 0")
+
+
+def export_bench_table(result: dict) -> str:
+    from rich.console import Console
+
+    from capsctl.cli.bench import latency_table
+
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(latency_table(result))
+    return console.export_text()

@@ -217,6 +217,11 @@ def export_latency(config, set_: list[str], runs: int, large: int, threads: int,
     if as_json:
         json_line(r)
         return
+    print_table(latency_table(r))
+
+
+def latency_table(r: dict) -> Table:
+    """bench --export's result as a table: a row per model and path."""
     table = Table(title=f"capsctl bench --export: inference on {r['cpu']}, {r['threads']} "
                         f"threads, torch {r['torch']}, onnxruntime {r['onnxruntime']}; load "
                         f"average {r['load_average']}", title_justify="left")
@@ -231,7 +236,7 @@ def export_latency(config, set_: list[str], runs: int, large: int, threads: int,
                 table.add_row(label, path, f"{row['median_ms']:.2f}", f"{row['p99_ms']:.2f}",
                               str(row["runs"]), f"{row['images_per_s']:,.0f} (N = "
                                                 f"{row['large_batch']})")
-    print_table(table)
+    return table
 
 
 def register(app: typer.Typer) -> None:
