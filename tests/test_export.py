@@ -25,8 +25,6 @@ from capsctl.data import mnist
 from capsctl.models import build_model
 from conftest import REPO, tiny_config, write_fake_mnist
 
-pytest.importorskip("onnxruntime")
-
 runner = CliRunner()
 SMALL_DECODER = {"decoder_hidden": [8, 16]}
 FAMILIES = {
@@ -149,6 +147,20 @@ def test_fixed_batch_and_reduced_precision(tmp_path, capsnet, data_root, capsnet
                              data_root=str(data_root))
     assert half["bytes"] < 0.7 * full["bytes"] and half["metadata"]["precision"] == "bf16"
     assert half["check"]["max_abs_diff"]["scores"] <= export_mod.TOLERANCE["bf16"]
+
+
+def test_a_pretrained_folder_is_checked_on_its_slice_where_the_data_is_absent(tmp_path, capsnet,
+                                                                             data_root):
+    folder = tmp_path / "pretrained" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(capsnet.read_bytes())
+    images, labels = mnist.load_split(data_root, "test")
+    np.savez(folder / "slice.npz", x=images[:6, None].copy(), y=labels[:6].astype(np.int64))
+    r = cli("export", folder, "--out", tmp_path / "tiny.pt", "--data-root", tmp_path / "none",
+            "--json")
+    assert r.exit_code == 0, r.output
+    check = json.loads(r.stdout)["check"]
+    assert check["on"] == f"6 images of {folder / 'slice.npz'}" and check["passed"]
 
 
 # --- the check refuses a file that does not compute what the model does ---------------------------
