@@ -459,9 +459,9 @@ def test_affnist_synth_on_a_full_disk_leaves_no_partial_folder(tmp_path, data, m
     from typer.testing import CliRunner
 
     from capsctl.cli import app
-    from capsctl.data import affnist
+    from capsctl.data import affnist_mat
 
-    real, calls = affnist.write_mat, []
+    real, calls = affnist_mat.write_mat, []
 
     def write_mat(path, *a, **k):
         calls.append(path)
@@ -470,7 +470,7 @@ def test_affnist_synth_on_a_full_disk_leaves_no_partial_folder(tmp_path, data, m
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, *a, **k)
 
-    monkeypatch.setattr(affnist, "write_mat", write_mat)
+    monkeypatch.setattr(affnist_mat, "write_mat", write_mat)
     out = tmp_path / "synth"
     result = CliRunner().invoke(app, ["data", "affnist-synth", "--per-digit", "3", "--out",
                                       str(out), "--data-root", str(data)])
