@@ -39,7 +39,7 @@ class Group:
         return self.rank == 0
 
 
-SINGLE = Group()
+ONE_PROCESS = Group()   # one process, no torchrun (a task kind is capsctl.tasks.SINGLE)
 
 
 ENV_HINT = "torchrun sets it; unset it to run one process, or start capsctl with torchrun"
@@ -63,12 +63,12 @@ def _env_int(name: str, default: int, low: int, high: int | None = None) -> int:
 
 
 def env_group() -> Group:
-    """The process's place in a torchrun job (SINGLE when not started by torchrun). A
+    """The process's place in a torchrun job (ONE_PROCESS when not started by torchrun). A
     malformed WORLD_SIZE, RANK or LOCAL_RANK, or a job of several processes without
     MASTER_ADDR and MASTER_PORT (where torch would look for its peers), is one line."""
     world = _env_int("WORLD_SIZE", 1, 1, 1 << 20)
     if world <= 1:
-        return SINGLE
+        return ONE_PROCESS
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k, "").strip()]
     if missing:
         raise CapsctlError(f"WORLD_SIZE={world} but {' and '.join(missing)} "

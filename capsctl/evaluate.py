@@ -16,7 +16,7 @@ from capsctl import tasks
 from capsctl.confusion import (check_confusion_target, confusion_counts,  # noqa: F401
                                confusion_figure, confusion_image, confusion_png, log_confusion,
                                per_class_accuracy)
-from capsctl.distributed import SINGLE, Group
+from capsctl.distributed import ONE_PROCESS, Group
 from capsctl.errors import CapsctlError
 from capsctl.measure import evaluate
 
@@ -172,7 +172,7 @@ def _evaluate_on(model, cfg, label: str, model_names: list[str] | None, datasets
 
 def evaluate_checkpoints(paths, datasets, split: str, device_name: str | None,
                          batch_size: int | None, limit: int | None, data_root: str | None,
-                         progress_console=None, group: Group = SINGLE,
+                         progress_console=None, group: Group = ONE_PROCESS,
                          ensemble: bool = False) -> list[dict]:
     """Evaluate every checkpoint on every dataset (default: the one it was trained on); with
     ``ensemble`` the checkpoints' scores are averaged into one model (one row per dataset,

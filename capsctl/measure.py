@@ -13,7 +13,7 @@ import torch
 from capsctl import tasks
 from capsctl.confusion import confusion_counts, per_class_accuracy
 from capsctl.device import autocast
-from capsctl.distributed import SINGLE, Group, all_sum
+from capsctl.distributed import ONE_PROCESS, Group, all_sum
 
 
 def _batches(source, batch_size: int, limit: int | None, group: Group, device: torch.device):
@@ -29,7 +29,7 @@ def _batches(source, batch_size: int, limit: int | None, group: Group, device: t
 @torch.no_grad()
 def evaluate(model, source, batch_size: int, device: torch.device, precision: str = "fp32",
              loss_fn=None, limit: int | None = None, progress=None, step: int = 0,
-             group: Group = SINGLE, confusion: bool = False) -> dict:
+             group: Group = ONE_PROCESS, confusion: bool = False) -> dict:
     """Accuracy (and mean loss terms when ``loss_fn`` is given) of ``model`` on ``source``.
 
     ``progress`` is an optional callable(n_done) for a progress bar. Under torchrun the batches

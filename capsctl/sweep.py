@@ -177,7 +177,7 @@ def run_sweep(points: list[Point], root: Path, device, *, data_root: str | None 
     from capsctl import distributed
     from capsctl.training import train
 
-    group = group or distributed.SINGLE
+    group = group or distributed.ONE_PROCESS
     distributed.agree(lambda: [status(root / p.name, p.cfg, force) for p in points], group)
     folders = []
     for k, p in enumerate(points, 1):

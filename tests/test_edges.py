@@ -301,14 +301,14 @@ def test_the_first_batch_check_leaves_the_run_unchanged(data, model):
     from capsctl.data.build import build
     from capsctl.models import build_model, loss_fn
     from capsctl.training import build_optimizer
-    from capsctl.distributed import SINGLE
+    from capsctl.distributed import ONE_PROCESS
 
     cfg = edge_config(model=model)
     bundle = build(cfg, CPU, str(data))
     net = build_model(cfg.model)
     opt = build_optimizer(net, cfg)
     before, rng = {k: v.clone() for k, v in net.state_dict().items()}, torch.get_rng_state()
-    n = loop._first_batch_fits(net, opt, bundle, loss_fn(cfg, bundle.task), SINGLE, 32, cfg,
+    n = loop._first_batch_fits(net, opt, bundle, loss_fn(cfg, bundle.task), ONE_PROCESS, 32, cfg,
                                CPU)
     assert n >= 1 and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -25,7 +25,7 @@ from capsctl.config import Config, to_dict
 from capsctl.confusion import log_confusion
 from capsctl.data.build import MissingDataError, build, build_eval, check_eval
 from capsctl.device import autocast, compile_model, use_channels_last
-from capsctl.distributed import SINGLE, Group, agree, barrier, local_batch_size
+from capsctl.distributed import ONE_PROCESS, Group, agree, barrier, local_batch_size
 from capsctl.errors import CapsctlError
 from capsctl.measure import evaluate
 from capsctl.models import build_model, count_parameters, loss_fn
@@ -42,7 +42,7 @@ from capsctl.writers import Writers, for_run
 
 def train(cfg: Config, run_dir: Path, device: torch.device, *, data_root: str | None = None,
           resume: bool = False, console: Console | None = None, show_progress: bool = True,
-          force: bool = False, group: Group = SINGLE) -> dict:
+          force: bool = False, group: Group = ONE_PROCESS) -> dict:
     """Train into ``run_dir``: a new run creates the folder (``force``: moves an unlocked
     existing one aside) once data, model, the first batch and the final_eval datasets have
     passed their checks; ``resume`` continues from its checkpoints/last.pt (or starts again from

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from capsctl.distributed import SINGLE, Group, all_max, all_sum
+from capsctl.distributed import ONE_PROCESS, Group, all_max, all_sum
 from capsctl.errors import TrainingError
 from capsctl.tasks.base import Task
 
@@ -26,7 +26,7 @@ from capsctl.tasks.base import Task
 class Metrics:
     """Sums of the loss terms and accuracy counts of the current logging interval."""
 
-    def __init__(self, device: torch.device, group: Group = SINGLE):
+    def __init__(self, device: torch.device, group: Group = ONE_PROCESS):
         self.device, self.group = device, group
         self.names: list[str] = []                # the loss terms, "total" last
         self.acc: dict[str, torch.Tensor] = {}
