@@ -13,7 +13,7 @@ README's config reference is the same metadata (``capsctl config --reference``).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +22,22 @@ import yaml
 from capsctl.data.mnist_config import MNISTOptions
 from capsctl.data.registry import DATASETS, TRAINING
 from capsctl.errors import ConfigError
-from capsctl.fields import _f, default_of, field_names, set_field, suggest
+from capsctl.fields import default_of, field, field_names, set_field, suggest
 from capsctl.models.capsnet_config import CapsNetConfig, MarginLossConfig
 from capsctl.models.registry import MODELS
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(1e-3, "Adam learning rate", gt=0)
-    beta1: float = _f(0.9, "Adam beta1", min=0.0, max=0.999999)
-    beta2: float = _f(0.999, "Adam beta2", min=0.0, max=0.999999)
-    eps: float = _f(1e-8, "Adam epsilon (TensorFlow's default)", gt=0)
-    weight_decay: float = _f(0.0, "L2 weight decay", min=0.0)
-    lr_decay: float = _f(0.96, "exponential decay factor per lr_decay_steps (1 = constant)",
-                         gt=0, max=1.0)
-    lr_decay_steps: int = _f(2000, "steps per decay factor (smooth, not staircase)", min=1)
-    min_lr: float = _f(1e-6, "learning-rate floor", min=0.0)
+    lr: float = field(1e-3, "Adam learning rate", gt=0)
+    beta1: float = field(0.9, "Adam beta1", min=0.0, max=0.999999)
+    beta2: float = field(0.999, "Adam beta2", min=0.0, max=0.999999)
+    eps: float = field(1e-8, "Adam epsilon (TensorFlow's default)", gt=0)
+    weight_decay: float = field(0.0, "L2 weight decay", min=0.0)
+    lr_decay: float = field(0.96, "exponential decay factor per lr_decay_steps (1 = constant)",
+                            gt=0, max=1.0)
+    lr_decay_steps: int = field(2000, "steps per decay factor (smooth, not staircase)", min=1)
+    min_lr: float = field(1e-6, "learning-rate floor", min=0.0)
 
     def check(self, source: str) -> None:
         pass
@@ -45,29 +45,29 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(1, "epochs to train", min=1, max=1_000_000)
-    max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit)", min=0)
-    batch_size: int = _f(128, "training batch size", min=1, max=1_000_000)
-    eval_batch_size: int = _f(1000, "batch size for validation and test", min=1, max=1_000_000)
-    seed: int = _f(0, "seed of the weights, batch order and augmentation", min=0,
-                   max=2 ** 63 - 1)
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N (flag --device overrides)")
-    precision: str = _f("fp32", "fp32, or bf16 autocast (squash, norms, losses stay fp32)",
-                        choices=("fp32", "bf16"))
-    compile: bool = _f(False, "torch.compile the model (falls back with a warning)")
-    log_every: int = _f(50, "steps between logged training metrics", min=1)
-    checkpoint_every: int = _f(500, "steps between last.pt writes (0 = only at epoch ends)",
-                               min=0)
-    checkpoint_minutes: float = _f(10.0, "also write last.pt when this many minutes have passed "
-                                   "(0 = off)", min=0.0)
-    images_every_epoch: bool = _f(True, "log a reconstruction grid to TensorBoard each epoch")
-    nonfinite: str = _f("stop", "on a non-finite loss: stop (keep the last good checkpoint) or "
-                        "skip the batch without an optimizer step (checks every step)",
-                        choices=("stop", "skip"))
-    target_val_accuracy: float = _f(0.0, "stop early once validation accuracy reaches this "
-                                    "fraction, e.g. 0.9923 (0 = off)", min=0.0, max=1.0)
-    final_eval: list[str] = _f([], "extra datasets evaluated (test split) with the best model at "
-                               "the end, e.g. [affnist]; skipped with a note when absent")
+    epochs: int = field(1, "epochs to train", min=1, max=1_000_000)
+    max_steps: int = field(0, "stop after this many optimizer steps (0 = no limit)", min=0)
+    batch_size: int = field(128, "training batch size", min=1, max=1_000_000)
+    eval_batch_size: int = field(1000, "batch size for validation and test", min=1, max=1_000_000)
+    seed: int = field(0, "seed of the weights, batch order and augmentation", min=0,
+                      max=2 ** 63 - 1)
+    device: str = field("auto", "auto | cpu | cuda | cuda:N (flag --device overrides)")
+    precision: str = field("fp32", "fp32, or bf16 autocast (squash, norms, losses stay fp32)",
+                           choices=("fp32", "bf16"))
+    compile: bool = field(False, "torch.compile the model (falls back with a warning)")
+    log_every: int = field(50, "steps between logged training metrics", min=1)
+    checkpoint_every: int = field(500, "steps between last.pt writes (0 = only at epoch ends)",
+                                  min=0)
+    checkpoint_minutes: float = field(10.0, "also write last.pt when this many minutes have passed "
+                                      "(0 = off)", min=0.0)
+    images_every_epoch: bool = field(True, "log a reconstruction grid to TensorBoard each epoch")
+    nonfinite: str = field("stop", "on a non-finite loss: stop (keep the last good checkpoint) or "
+                           "skip the batch without an optimizer step (checks every step)",
+                           choices=("stop", "skip"))
+    target_val_accuracy: float = field(0.0, "stop early once validation accuracy reaches this "
+                                       "fraction, e.g. 0.9923 (0 = off)", min=0.0, max=1.0)
+    final_eval: list[str] = field([], "extra datasets evaluated (test split) with the best model "
+                                  "at the end, e.g. [affnist]; skipped with a note when absent")
 
     def check(self, source: str) -> None:
         dev = self.device
@@ -86,11 +86,11 @@ class TrainConfig:
 class Config:
     """``model``/``loss``: the chosen family's dataclasses; ``data``: the chosen dataset's."""
 
-    model: Any = field(default_factory=CapsNetConfig)
-    loss: Any = field(default_factory=MarginLossConfig)
-    data: Any = field(default_factory=MNISTOptions)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: Any = dataclasses.field(default_factory=CapsNetConfig)
+    loss: Any = dataclasses.field(default_factory=MarginLossConfig)
+    data: Any = dataclasses.field(default_factory=MNISTOptions)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
 SECTIONS = ("model", "loss", "data", "optim", "train")

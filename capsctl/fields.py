@@ -1,4 +1,4 @@
-"""Config fields: a dataclass field carries its help text and valid range (``_f``), and
+"""Config fields: a dataclass field carries its help text and valid range (``field``), and
 ``coerce`` checks a value against a field's type and range. Torch-free, imported by every
 section's dataclass (model families, loss terms, datasets, optimizer, trainer)."""
 
@@ -8,18 +8,18 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import field
 from typing import Any
 
 from capsctl.errors import ConfigError
 
 
-def _f(default, help: str, *, min=None, max=None, choices=None, gt=None):
-    """A dataclass field with its documentation and valid range."""
+def field(default, help: str, *, min=None, max=None, choices=None, gt=None):
+    """A config key: a dataclass field with its documentation and valid range (what every
+    section's dataclass makes its keys with; ``coerce`` checks a value against it)."""
     meta = {"help": help, "min": min, "max": max, "choices": choices, "gt": gt}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def suggest(key: str, candidates: list[str]) -> str:

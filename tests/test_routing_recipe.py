@@ -20,7 +20,7 @@ import torch
 from capsctl import checkpoint
 from capsctl import config as C
 from capsctl.errors import ConfigError
-from capsctl.fields import _f
+from capsctl.fields import field
 from capsctl.models import build_model
 from capsctl.models.capsules import squash
 from capsctl.models.routing import ROUTINGS, RoutingSpec, register
@@ -63,9 +63,9 @@ def build(in_caps: int, out_caps: int, in_dim: int, out_dim: int, init_std: floa
 
 @dataclass
 class MeanAgreementOptions:
-    name: str = _f(NAME, "one pass: couplings from each vote's agreement with the mean vote")
-    temperature: float = _f(1.0, "divides the agreement before the softmax over the parents",
-                            gt=0)
+    name: str = field(NAME, "one pass: couplings from each vote's agreement with the mean vote")
+    temperature: float = field(1.0, "divides the agreement before the softmax over the parents",
+                               gt=0)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from capsctl.data.mnist_config import DataFiles
 from capsctl.errors import ConfigError
-from capsctl.fields import _f
+from capsctl.fields import field
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot")
@@ -62,43 +62,43 @@ def _check_crop(o, side: int, source: str) -> None:
 
 @dataclass
 class FashionMNISTOptions(DataFiles):
-    name: str = _f("fashion-mnist", "dataset: fashion-mnist (Zalando's 28x28 grey clothing, 10 "
-                   "classes, MNIST's IDX files)")
-    shift: int = _f(2, "random integer shift in pixels each way (zero padding), training only",
-                    min=0, max=13)
-    flip: bool = _f(False, "mirror training images left-right at random")
+    name: str = field("fashion-mnist", "dataset: fashion-mnist (Zalando's 28x28 grey clothing, 10 "
+                      "classes, MNIST's IDX files)")
+    shift: int = field(2, "random integer shift in pixels each way (zero padding), training only",
+                       min=0, max=13)
+    flip: bool = field(False, "mirror training images left-right at random")
 
 
 @dataclass
 class KMNISTOptions(DataFiles):
-    name: str = _f("kmnist", "dataset: kmnist (Kuzushiji-MNIST, 28x28 cursive Japanese, 10 "
-                   "classes)")
-    shift: int = _f(2, "random integer shift in pixels each way (zero padding), training only",
-                    min=0, max=13)
+    name: str = field("kmnist", "dataset: kmnist (Kuzushiji-MNIST, 28x28 cursive Japanese, 10 "
+                      "classes)")
+    shift: int = field(2, "random integer shift in pixels each way (zero padding), training only",
+                       min=0, max=13)
 
 
 @dataclass
 class EMNISTOptions(DataFiles):
-    name: str = _f("emnist", "dataset: emnist (28x28 handwritten letters and digits, NIST)")
-    split: str = _f("balanced", "EMNIST split: balanced (47 classes), letters (26), digits "
-                    "(10), mnist (10), bymerge (47), byclass (62)",
-                    choices=tuple(EMNIST_CLASSES))
-    shift: int = _f(2, "random integer shift in pixels each way (zero padding), training only",
-                    min=0, max=13)
+    name: str = field("emnist", "dataset: emnist (28x28 handwritten letters and digits, NIST)")
+    split: str = field("balanced", "EMNIST split: balanced (47 classes), letters (26), digits "
+                       "(10), mnist (10), bymerge (47), byclass (62)",
+                       choices=tuple(EMNIST_CLASSES))
+    shift: int = field(2, "random integer shift in pixels each way (zero padding), training only",
+                       min=0, max=13)
 
 
 # --- natural images ---------------------------------------------------------------------------
 
 @dataclass
 class CIFAR10Options(DataFiles):
-    name: str = _f("cifar10", "dataset: cifar10 (32x32 colour, 10 classes; the python "
-                   "batches)")
-    crop: int = _f(0, "side of the random training patch and of the centre test patch, the "
-                   "model's input side (0 = the whole 32x32 image; the paper's CapsNet: 24 "
-                   "with pad 0)", min=0, max=32)
-    pad: int = _f(4, "zero padding in pixels around the image before the random crop",
-                  min=0, max=16)
-    flip: bool = _f(True, "mirror training images left-right at random")
+    name: str = field("cifar10", "dataset: cifar10 (32x32 colour, 10 classes; the python "
+                      "batches)")
+    crop: int = field(0, "side of the random training patch and of the centre test patch, the "
+                      "model's input side (0 = the whole 32x32 image; the paper's CapsNet: 24 "
+                      "with pad 0)", min=0, max=32)
+    pad: int = field(4, "zero padding in pixels around the image before the random crop",
+                     min=0, max=16)
+    flip: bool = field(True, "mirror training images left-right at random")
 
     def check(self, source: str) -> None:
         _check_crop(self, 32, source)
@@ -106,21 +106,21 @@ class CIFAR10Options(DataFiles):
 
 @dataclass
 class CIFAR100Options(CIFAR10Options):
-    name: str = _f("cifar100", "dataset: cifar100 (32x32 colour, 100 classes or 20 "
-                   "superclasses; the python batches)")
-    labels: str = _f("fine", "fine (100 classes) or coarse (20 superclasses)",
-                     choices=("fine", "coarse"))
+    name: str = field("cifar100", "dataset: cifar100 (32x32 colour, 100 classes or 20 "
+                      "superclasses; the python batches)")
+    labels: str = field("fine", "fine (100 classes) or coarse (20 superclasses)",
+                        choices=("fine", "coarse"))
 
 
 @dataclass
 class SVHNOptions(DataFiles):
-    name: str = _f("svhn", "dataset: svhn (Street View House Numbers, 32x32 colour digits; the "
-                   "cropped-digits .mat files)")
-    crop: int = _f(0, "side of the random training patch and of the centre test patch (0 = "
-                   "the whole 32x32 image)", min=0, max=32)
-    pad: int = _f(2, "zero padding in pixels around the image before the random crop (with "
-                  "crop 0: a random shift of up to N px)", min=0, max=16)
-    extra: bool = _f(False, "also train on the 531,131 'extra' images (extra_32x32.mat)")
+    name: str = field("svhn", "dataset: svhn (Street View House Numbers, 32x32 colour digits; the "
+                      "cropped-digits .mat files)")
+    crop: int = field(0, "side of the random training patch and of the centre test patch (0 = "
+                      "the whole 32x32 image)", min=0, max=32)
+    pad: int = field(2, "zero padding in pixels around the image before the random crop (with "
+                     "crop 0: a random shift of up to N px)", min=0, max=16)
+    extra: bool = field(False, "also train on the 531,131 'extra' images (extra_32x32.mat)")
 
     def check(self, source: str) -> None:
         _check_crop(self, 32, source)
@@ -128,27 +128,27 @@ class SVHNOptions(DataFiles):
 
 @dataclass
 class FolderOptions(DataFiles):
-    name: str = _f("folder", "dataset: folder (your images: ROOT/train/<class>/*.png|jpg, "
-                   "ROOT/test/<class>/..., optional ROOT/val/<class>/...)")
-    root: str | None = _f(None, "the image folder ROOT (flag --data-root applies when this is "
-                          "null)")
-    val_size: int = _f(1000, "validation images: all of ROOT/val when it exists, else this "
-                       "many training images held out at random (fixed seed); 0 = none",
-                       min=0, max=10_000_000)
-    image_size: int = _f(32, "side the images are resized to (shorter side, then the centre "
-                         "square), once, when decoded", min=8, max=1024)
-    channels: int = _f(3, "1 (grey) or 3 (RGB): every image is converted to this", min=1,
-                       max=3)
-    crop: int = _f(0, "side of the random training patch and of the centre test patch (0 = "
-                   "the whole image_size image)", min=0, max=1024)
-    pad: int = _f(0, "zero padding in pixels around the image before the random crop",
-                  min=0, max=256)
-    flip: bool = _f(False, "mirror training images left-right at random (not for digits or "
-                    "text)")
-    skip_bad_images: bool = _f(False, "skip images that cannot be decoded (and count them) "
-                               "instead of stopping with an error naming the file")
-    workers: int = _f(0, "processes decoding the images (0 = one per CPU core)", min=0,
-                      max=1024)
+    name: str = field("folder", "dataset: folder (your images: ROOT/train/<class>/*.png|jpg, "
+                      "ROOT/test/<class>/..., optional ROOT/val/<class>/...)")
+    root: str | None = field(None, "the image folder ROOT (flag --data-root applies when this is "
+                             "null)")
+    val_size: int = field(1000, "validation images: all of ROOT/val when it exists, else this "
+                          "many training images held out at random (fixed seed); 0 = none",
+                          min=0, max=10_000_000)
+    image_size: int = field(32, "side the images are resized to (shorter side, then the centre "
+                            "square), once, when decoded", min=8, max=1024)
+    channels: int = field(3, "1 (grey) or 3 (RGB): every image is converted to this", min=1,
+                          max=3)
+    crop: int = field(0, "side of the random training patch and of the centre test patch (0 = "
+                      "the whole image_size image)", min=0, max=1024)
+    pad: int = field(0, "zero padding in pixels around the image before the random crop",
+                     min=0, max=256)
+    flip: bool = field(False, "mirror training images left-right at random (not for digits or "
+                       "text)")
+    skip_bad_images: bool = field(False, "skip images that cannot be decoded (and count them) "
+                                  "instead of stopping with an error naming the file")
+    workers: int = field(0, "processes decoding the images (0 = one per CPU core)", min=0,
+                         max=1024)
 
     def check(self, source: str) -> None:
         if self.download:

@@ -6,22 +6,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from capsctl.errors import ConfigError
-from capsctl.fields import _f
+from capsctl.fields import field
 from capsctl.models.capsnet_config import ImageInput
 
 
 @dataclass
 class CNNConfig(ImageInput):
-    name: str = _f("cnn", "model family: cnn (the paper's baseline, softmax cross-entropy)")
-    channels: list[int] = _f([256, 256, 128], "conv channels (5x5, stride 1, same padding, ReLU)",
-                             min=1, max=65536)
-    hidden: list[int] = _f([328, 192], "fully connected widths (ReLU, dropout)", min=1,
-                           max=65536)
-    pool: list[int] = _f([], "max-pooling window (= stride) after each conv, one per entry of "
-                         "channels, 1 = none; [] = no pooling (Table 1 baseline)", min=1,
-                         max=4096)
-    dropout: float = _f(0.5, "dropout probability after each fully connected layer", min=0.0,
-                        max=0.99)
+    name: str = field("cnn", "model family: cnn (the paper's baseline, softmax cross-entropy)")
+    channels: list[int] = field([256, 256, 128],
+                                "conv channels (5x5, stride 1, same padding, ReLU)", min=1,
+                                max=65536)
+    hidden: list[int] = field([328, 192], "fully connected widths (ReLU, dropout)", min=1,
+                              max=65536)
+    pool: list[int] = field([], "max-pooling window (= stride) after each conv, one per entry of "
+                            "channels, 1 = none; [] = no pooling (Table 1 baseline)", min=1,
+                            max=4096)
+    dropout: float = field(0.5, "dropout probability after each fully connected layer", min=0.0,
+                           max=0.99)
 
     def check(self, source: str) -> None:
         if self.pool and len(self.pool) != len(self.channels):
@@ -39,13 +40,13 @@ class CNNConfig(ImageInput):
 
 @dataclass
 class MultiMNISTCNNConfig(ImageInput):
-    name: str = _f("multimnist-cnn", "model family: multimnist-cnn (the paper's MultiMNIST "
-                   "baseline: conv + 2x2 max-pooling, sigmoid outputs, two labels)")
-    channels: list[int] = _f([512, 256], "conv channels (5x5, same padding, ReLU, each followed "
-                             "by 2x2 max-pooling)", min=1, max=65536)
-    hidden: list[int] = _f([1024], "fully connected widths (ReLU, dropout)", min=1, max=65536)
-    dropout: float = _f(0.5, "dropout probability after each fully connected layer", min=0.0,
-                        max=0.99)
+    name: str = field("multimnist-cnn", "model family: multimnist-cnn (the paper's MultiMNIST "
+                      "baseline: conv + 2x2 max-pooling, sigmoid outputs, two labels)")
+    channels: list[int] = field([512, 256], "conv channels (5x5, same padding, ReLU, each followed "
+                                "by 2x2 max-pooling)", min=1, max=65536)
+    hidden: list[int] = field([1024], "fully connected widths (ReLU, dropout)", min=1, max=65536)
+    dropout: float = field(0.5, "dropout probability after each fully connected layer", min=0.0,
+                           max=0.99)
 
     def check(self, source: str) -> None:
         if self.input_size >> len(self.channels) < 1:

@@ -7,29 +7,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from capsctl.errors import ConfigError
-from capsctl.fields import _f
+from capsctl.fields import field
 from capsctl.models.capsnet_config import ImageInput
 
 
 @dataclass
 class EfficientCapsNetConfig(ImageInput):
-    name: str = _f("efficient-capsnet", "model family: efficient-capsnet (depthwise primary "
-                   "capsules, self-attention routing; Mazzia et al. 2021)")
-    conv_channels: list[int] = _f([32, 64, 64, 128], "channels of the convolutions (valid "
-                                  "padding, ReLU, batch norm after each)", min=1, max=65536)
-    conv_kernels: list[int] = _f([5, 3, 3, 3], "kernel size of each convolution", min=1,
-                                 max=64)
-    conv_strides: list[int] = _f([1, 1, 1, 2], "stride of each convolution", min=1, max=64)
-    primary_kernel: int = _f(9, "kernel of the depthwise convolution making the primary "
-                             "capsules (MNIST: 9 = the whole 9x9 map, one position)", min=1,
-                             max=4096)
-    primary_dim: int = _f(8, "primary capsule dimension (types = last conv_channels / this)",
-                          min=1, max=1024)
-    class_dim: int = _f(16, "class capsule dimension", min=1, max=1024)
-    decoder: bool = _f(True, "reconstruction decoder from the masked class capsules (the "
-                       "paper's regulariser; not in its 161,824 parameters)")
-    decoder_hidden: list[int] = _f([512, 1024], "decoder hidden layer widths (ReLU); output is "
-                                   "sigmoid of input_size^2 x in_channels", min=1, max=65536)
+    name: str = field("efficient-capsnet", "model family: efficient-capsnet (depthwise primary "
+                      "capsules, self-attention routing; Mazzia et al. 2021)")
+    conv_channels: list[int] = field([32, 64, 64, 128], "channels of the convolutions (valid "
+                                     "padding, ReLU, batch norm after each)", min=1, max=65536)
+    conv_kernels: list[int] = field([5, 3, 3, 3], "kernel size of each convolution", min=1,
+                                    max=64)
+    conv_strides: list[int] = field([1, 1, 1, 2], "stride of each convolution", min=1, max=64)
+    primary_kernel: int = field(9, "kernel of the depthwise convolution making the primary "
+                                "capsules (MNIST: 9 = the whole 9x9 map, one position)", min=1,
+                                max=4096)
+    primary_dim: int = field(8, "primary capsule dimension (types = last conv_channels / this)",
+                             min=1, max=1024)
+    class_dim: int = field(16, "class capsule dimension", min=1, max=1024)
+    decoder: bool = field(True, "reconstruction decoder from the masked class capsules (the "
+                          "paper's regulariser; not in its 161,824 parameters)")
+    decoder_hidden: list[int] = field([512, 1024], "decoder hidden layer widths (ReLU); output is "
+                                      "sigmoid of input_size^2 x in_channels", min=1, max=65536)
 
     def check(self, source: str) -> None:
         n = len(self.conv_channels)

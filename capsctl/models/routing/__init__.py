@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from capsctl.errors import ConfigError
-from capsctl.fields import _f, field_names, set_field, suggest
+from capsctl.fields import field, field_names, set_field, suggest
 
 
 @dataclass(frozen=True)
@@ -69,35 +69,35 @@ def build(options: Any, in_caps: int, out_caps: int, in_dim: int, out_dim: int,
 
 @dataclass
 class DynamicOptions:
-    name: str = _f("dynamic", "routing by agreement (Sabour, Frosst & Hinton 2017, Procedure 1)")
-    iterations: int = _f(3, "routing passes (the paper: 3)", min=1, max=100)
-    class_bias: bool = _f(False, "learned bias added to s_j (the authors' code has one; the "
-                          "paper and its parameter count do not)")
-    leaky: bool = _f(False, "a \"none-of-the-above\" parent in the routing softmax: one extra "
-                     "zero logit per child, so a child can route to no parent (the paper's "
-                     "CIFAR-10 model; the authors' code: Sarasra/models research/capsules, "
-                     "layers.py _leaky_routing); runs on the batched torch path, not the C "
-                     "kernel")
+    name: str = field("dynamic", "routing by agreement (Sabour, Frosst & Hinton 2017, Procedure 1)")
+    iterations: int = field(3, "routing passes (the paper: 3)", min=1, max=100)
+    class_bias: bool = field(False, "learned bias added to s_j (the authors' code has one; the "
+                             "paper and its parameter count do not)")
+    leaky: bool = field(False, "a \"none-of-the-above\" parent in the routing softmax: one extra "
+                        "zero logit per child, so a child can route to no parent (the paper's "
+                        "CIFAR-10 model; the authors' code: Sarasra/models research/capsules, "
+                        "layers.py _leaky_routing); runs on the batched torch path, not the C "
+                        "kernel")
 
 
 @dataclass
 class UniformOptions:
-    name: str = _f("uniform", "no routing: one pass at the uniform coupling c_ij = 1/J")
-    class_bias: bool = _f(False, "learned bias added to s_j")
+    name: str = field("uniform", "no routing: one pass at the uniform coupling c_ij = 1/J")
+    class_bias: bool = field(False, "learned bias added to s_j")
 
 
 @dataclass
 class SelfAttentionOptions:
-    name: str = _f("self-attention", "one-shot self-attention routing with learned log priors "
-                   "b_ij (Efficient-CapsNet's); no options")
+    name: str = field("self-attention", "one-shot self-attention routing with learned log priors "
+                      "b_ij (Efficient-CapsNet's); no options")
 
 
 @dataclass
 class InvertedDotProductOptions:
-    name: str = _f("inverted-dot-product", "parent-to-child dot-product attention with "
-                   "LayerNorm (Tsai et al. 2020)")
-    iterations: int = _f(3, "routing passes from a uniform start (the first pass routes "
-                         "uniformly; more than one adds a LayerNorm)", min=1, max=100)
+    name: str = field("inverted-dot-product", "parent-to-child dot-product attention with "
+                      "LayerNorm (Tsai et al. 2020)")
+    iterations: int = field(3, "routing passes from a uniform start (the first pass routes "
+                            "uniformly; more than one adds a LayerNorm)", min=1, max=100)
 
 
 register(RoutingSpec(
