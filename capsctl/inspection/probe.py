@@ -23,11 +23,12 @@ import math
 import torch
 
 from capsctl.errors import CapsctlError
+from capsctl.models.contract import CanDecode, CapsctlModel, ModelOutput
 
 MAX_OFFSETS = 101   # perturbation columns
 
 
-def require_decoder(model, what: str) -> None:
+def require_decoder(model: CapsctlModel, what: str) -> None:
     """Raise a one-line CapsctlError unless the model declares a decoder."""
     if not model.has_decoder:
         raise CapsctlError(f"{what} needs a model with a reconstruction decoder; this "
@@ -35,7 +36,7 @@ def require_decoder(model, what: str) -> None:
                            "false, or not a capsule model)")
 
 
-def capsules(model, out: dict) -> torch.Tensor:
+def capsules(model: CapsctlModel, out: ModelOutput) -> torch.Tensor:
     """The class capsules (B, J, D) the decoder reads: ``out[model.capsule_key]`` (CapsNet's
     vectors ``v`` or a matrix capsule model's flattened poses ``pose``), as float."""
     if model.capsule_key is None:
@@ -43,13 +44,14 @@ def capsules(model, out: dict) -> torch.Tensor:
     return out[model.capsule_key].float()
 
 
-def decode(model, caps_BJD: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
+def decode(model: CanDecode, caps_BJD: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
     """The decoder's reconstruction (B, N) from the capsule of ``classes_B`` alone (the others
     masked to zero), as in training."""
     return model.decode(caps_BJD, classes_B).float()
 
 
-def decode_each(model, caps_BJD: torch.Tensor, classes_BK: torch.Tensor) -> torch.Tensor:
+def decode_each(model: CanDecode, caps_BJD: torch.Tensor,
+                classes_BK: torch.Tensor) -> torch.Tensor:
     """One reconstruction per listed class, each from its capsule alone: (B, K, N)."""
     B, K = classes_BK.shape
     caps_bJD = caps_BJD.unsqueeze(1).expand(B, K, *caps_BJD.shape[1:]).reshape(
@@ -58,7 +60,8 @@ def decode_each(model, caps_BJD: torch.Tensor, classes_BK: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def reconstruct_batch(model, x_BCHW: torch.Tensor, y_B: torch.Tensor, mask: str = "predicted"):
+def reconstruct_batch(model: CapsctlModel, x_BCHW: torch.Tensor, y_B: torch.Tensor,
+                      mask: str = "predicted"):
     """(recon (B, C, H, W), prediction (B,), scores (B, J)); the decoder sees only the capsule of
     the prediction (``mask="predicted"``) or of the label (``"label"``)."""
     require_decoder(model, "reconstruction")
@@ -71,7 +74,7 @@ def reconstruct_batch(model, x_BCHW: torch.Tensor, y_B: torch.Tensor, mask: str 
 
 
 @torch.no_grad()
-def segmentation_recons(model, x_BCHW: torch.Tensor, y_B2: torch.Tensor):
+def segmentation_recons(model: CapsctlModel, x_BCHW: torch.Tensor, y_B2: torch.Tensor):
     """For two-digit inputs with labels ``y_B2`` (B, 2): (prediction (B, 2) = the two longest
     capsules, recon from them (B, 2, N), recon from the labels (B, 2, N))."""
     require_decoder(model, "the segmentation picture")
@@ -102,7 +105,8 @@ def offsets_for(range_: float, step: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perturbations(model, v_JD: torch.Tensor, cls: int, offsets_K: torch.Tensor) -> torch.Tensor:
+def perturbations(model: CanDecode, v_JD: torch.Tensor, cls: int,
+                  offsets_K: torch.Tensor) -> torch.Tensor:
     """Decode capsule ``cls`` of one example with offsets added to one dimension at a time (the
     other capsules masked): recon (D, K, N). Column ``K // 2`` (offset 0) is the plain
     reconstruction."""
@@ -128,7 +132,7 @@ def dimension_change(recon_DKN: torch.Tensor) -> torch.Tensor:
 
 # --- routing ------------------------------------------------------------------------------------
 
-def require_routing(model) -> tuple[int, int, int]:
+def require_routing(model: CapsctlModel) -> tuple[int, int, int]:
     """The model's routing layout (T, H, W); a one-line CapsctlError when it does not route."""
     layout = model.routing_layout
     if layout is None:
@@ -137,7 +141,7 @@ def require_routing(model) -> tuple[int, int, int]:
     return tuple(int(n) for n in layout)
 
 
-def _votes(model, x_BCHW: torch.Tensor) -> torch.Tensor | None:
+def _votes(model: CapsctlModel, x_BCHW: torch.Tensor) -> torch.Tensor | None:
     """u_hat_j|i (B, I, J, D) for vector capsules routed by agreement; None for other models."""
     if model.capsule_key != "v":
         return None
@@ -145,7 +149,7 @@ def _votes(model, x_BCHW: torch.Tensor) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def routing_maps(model, x_BCHW: torch.Tensor) -> dict:
+def routing_maps(model: CapsctlModel, x_BCHW: torch.Tensor) -> dict:
     """Coupling coefficients of every routing pass and the agreement of the predictions.
 
     Returns ``coupling`` (B, R, I, J), ``coupling_grid`` (B, R, J, H, W) (the mean over the T
@@ -178,7 +182,7 @@ def routing_maps(model, x_BCHW: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def routing_statistics(model, source, n: int, device, batch: int = 100) -> dict:
+def routing_statistics(model: CapsctlModel, source, n: int, device, batch: int = 100) -> dict:
     """How far the routing coefficients are from uniform, over the first ``n`` examples of
     ``source``. For every routing pass, the means over examples of: ``to_predicted``, the mean
     over the children of c_ij to the predicted parent (uniform: 1/J); ``largest_to_predicted``,
@@ -210,7 +214,7 @@ def routing_statistics(model, source, n: int, device, batch: int = 100) -> dict:
 # --- choosing examples --------------------------------------------------------------------------
 
 @torch.no_grad()
-def confident_examples(model, source, classes: list[int], device, pool: int = 1000,
+def confident_examples(model: CapsctlModel, source, classes: list[int], device, pool: int = 1000,
                        batch_size: int = 250) -> dict[int, int]:
     """For each class, the index (among the first ``pool`` examples) of the correctly classified
     example with the longest capsule of that class (or, if none is correct, the longest)."""

@@ -1,5 +1,8 @@
 """What every capsctl model is and returns. The trainer, ``eval`` and the inspection commands
-read models only through this contract; nothing probes attribute names.
+read models only through this contract; nothing probes attribute names. ``build_model``
+returns a ``CapsctlModel``; the inspection code (capsctl/inspection/probe.py) is typed against
+it, and tests/test_contract.py checks that every family in MODELS satisfies it (and
+``CanDecode`` where it declares a decoder, ``HasVotes`` where its capsules are vectors).
 
 Shape legend: B batch, C channels, H/W image height/width, J classes (class capsules), D a class
 capsule's components (16 for CapsNet vectors, 16 = a flattened 4x4 pose for EM capsules), I
@@ -8,7 +11,7 @@ routed children, N = C*H*W pixels of one reconstruction, K reconstructions per e
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, TypedDict
+from typing import TYPE_CHECKING, Protocol, TypedDict, runtime_checkable
 
 if TYPE_CHECKING:  # annotations only: this module stays importable without torch
     from torch import Tensor
@@ -38,8 +41,10 @@ class ModelOutput(TypedDict, total=False):
     logits: "Tensor"
 
 
+@runtime_checkable
 class CapsctlModel(Protocol):
-    """The declarations every model class makes (class attributes or properties)."""
+    """The declarations every model class makes (class attributes or properties), and its
+    forward."""
 
     capsule_key: str | None
     """``"v"`` (vector capsules), ``"pose"`` (matrix capsules) or None (no class capsules)."""
@@ -57,13 +62,24 @@ class CapsctlModel(Protocol):
         """(types, H, W) of the routed children: child i of ``out["routing"]`` is type
         i // (H*W) at grid row (i // W) % H, column i % W; None when the model does not route."""
 
+    def __call__(self, x_BCHW: "Tensor", y: "Tensor | None" = None,
+                 keep_routing: bool = False) -> ModelOutput: ...
+
+
+@runtime_checkable
+class CanDecode(Protocol):
+    """What a model that declares ``has_decoder`` adds (its class may have it with no decoder
+    built: ``has_decoder`` says)."""
+
     def decode(self, capsules_BJD: "Tensor", classes_B: "Tensor") -> "Tensor":
         """Reconstruction (B, N) from the capsule of ``classes_B`` alone (others masked);
         ``classes`` (B, K) gives (B, K, N). Only when ``has_decoder``."""
 
-    def votes(self, x_BCHW: "Tensor") -> "Tensor":
-        """u_hat (B, I, J, D): the routed children's predictions for the class capsules. Only
-        when ``capsule_key == "v"`` (vector capsules; EM votes are 4x4 matrices per patch)."""
 
-    def __call__(self, x_BCHW: "Tensor", y: "Tensor | None" = None,
-                 keep_routing: bool = False) -> ModelOutput: ...
+@runtime_checkable
+class HasVotes(Protocol):
+    """What a model with vector capsules (``capsule_key == "v"``) adds."""
+
+    def votes(self, x_BCHW: "Tensor") -> "Tensor":
+        """u_hat (B, I, J, D): the routed children's predictions for the class capsules (EM
+        votes are 4x4 matrices per patch: not this)."""

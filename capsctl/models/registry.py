@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from capsctl.lazy import resolve
+from capsctl.models.contract import CapsctlModel
 from capsctl.models.capsnet_config import CapsNetConfig, MarginLossConfig
 from capsctl.models.cnn_config import CNNConfig, MultiMNISTCNNConfig, NoLossOptions
 from capsctl.models.efficient_config import EfficientCapsNetConfig
@@ -62,8 +63,9 @@ def spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-def build_model(model_cfg):
-    """The ``nn.Module`` of ``model_cfg`` (a family's config dataclass), on the CPU."""
+def build_model(model_cfg) -> CapsctlModel:
+    """The ``nn.Module`` of ``model_cfg`` (a family's config dataclass), on the CPU; it honours
+    capsctl/models/contract.py (tests/test_contract.py checks every family)."""
     return resolve(MODELS[model_cfg.name].module)(model_cfg)
 
 
