@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from capsctl.data.mnist_config import MNISTOptions
+from capsctl.data.mnist_config import MNISTConfig
 from capsctl.data.registry import DATASETS, TRAINING
 from capsctl.errors import ConfigError
 from capsctl.fields import default_of, field, field_names, set_field, suggest
@@ -88,7 +88,7 @@ class Config:
 
     model: Any = dataclasses.field(default_factory=CapsNetConfig)
     loss: Any = dataclasses.field(default_factory=MarginLossConfig)
-    data: Any = dataclasses.field(default_factory=MNISTOptions)
+    data: Any = dataclasses.field(default_factory=MNISTConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 

@@ -18,7 +18,7 @@ from capsctl.data.registry import DATASETS
 from capsctl.fields import field_names
 from capsctl.models.registry import MODELS
 from capsctl.errors import ConfigError
-from capsctl.models.routing import FLAT_KEYS, DynamicOptions, from_flat, set_routing
+from capsctl.models.routing import FLAT_KEYS, DynamicConfig, from_flat, set_routing
 
 # format-1 key -> format-2 key, per family / dataset; keys not listed keep their name, and keys
 # the family or dataset does not have are dropped (format 1 stored every family's defaults)
@@ -92,7 +92,7 @@ def nest_routing(model: Any) -> Any:
             isinstance(model.get("routing"), str) or FLAT_KEYS.keys() & model.keys()):
         return model
     try:
-        opts = set_routing("model.routing", model.get("routing", {}), DynamicOptions())
+        opts = set_routing("model.routing", model.get("routing", {}), DynamicConfig())
         for key in FLAT_KEYS:
             if key in model:
                 opts = set_routing("model.routing", from_flat(opts, key, model[key]), opts)

@@ -40,13 +40,13 @@ from capsctl.data.files import open_file
 from capsctl.data.folder import IMAGE_EXTS, decode_image
 from capsctl.data.registry import DATASETS, STANDARDISED
 from capsctl.data.smallnorb import DOWNSAMPLED, standardise
-from capsctl.data.smallnorb_config import SmallNORBOptions
+from capsctl.data.smallnorb_config import SmallNORBConfig
 from capsctl.errors import CapsctlError, DataError
 
 ARRAY_EXT = ".npy"
 INPUT_EXTS = IMAGE_EXTS | {ARRAY_EXT}
 MAX_ARRAY_BYTES = 1 << 28     # a .npy input larger than 256 MB is refused before it is read
-NATURAL = (isc.CIFAR10Options, isc.SVHNOptions, isc.FolderOptions)
+NATURAL = (isc.CIFAR10Config, isc.SVHNConfig, isc.FolderConfig)
 SCORE_NAMES = {"v": "|v|", "pose": "activation"}   # by the model's capsule_key; else "score"
 ONNX_SUFFIX = ".onnx"   # a model exported by `capsctl export` (run by onnxruntime)
 
@@ -69,7 +69,7 @@ def preprocessing_of(cfg) -> Preprocessing:
     """The test-time view of the dataset ``cfg`` trained on (its model's input side and
     channels)."""
     o, crop = cfg.data, cfg.model.input_size
-    if isinstance(o, SmallNORBOptions):       # 96x96 pairs downsampled to 48x48 when read
+    if isinstance(o, SmallNORBConfig):       # 96x96 pairs downsampled to 48x48 when read
         side = DOWNSAMPLED
     elif isinstance(o, NATURAL):              # the whole image; the test crop is the centre
         side = isc.natural_side(dataclasses.replace(o, crop=0))

@@ -126,19 +126,19 @@ def test_every_dataset_declares_side_channels_classes_normalisation():
     for name, side in sides.items():
         spec = DATASETS[name]
         assert spec.task == SINGLE and spec.side(spec.options()) == side, name
-    assert DATASETS["cifar10"].side(isc.CIFAR10Options(crop=24)) == 24
-    assert DATASETS["folder"].side(isc.FolderOptions(image_size=64, crop=48)) == 48
+    assert DATASETS["cifar10"].side(isc.CIFAR10Config(crop=24)) == 24
+    assert DATASETS["folder"].side(isc.FolderConfig(image_size=64, crop=48)) == 48
     counts = {n: len(DATASETS[n].class_names(DATASETS[n].options())) for n in NEW}
     assert counts == {"fashion-mnist": 10, "kmnist": 10, "emnist": 47, "cifar10": 10,
                       "cifar100": 100, "svhn": 10}
-    emnist = {s: len(DATASETS["emnist"].class_names(isc.EMNISTOptions(split=s)))
+    emnist = {s: len(DATASETS["emnist"].class_names(isc.EMNISTConfig(split=s)))
               for s in isc.EMNIST_CLASSES}
     assert emnist == {"balanced": 47, "bymerge": 47, "byclass": 62, "letters": 26, "digits": 10,
                       "mnist": 10}
-    assert len(DATASETS["cifar100"].class_names(isc.CIFAR100Options(labels="coarse"))) == 20
+    assert len(DATASETS["cifar100"].class_names(isc.CIFAR100Config(labels="coarse"))) == 20
     assert len(set(isc.CIFAR100_FINE)) == 100 and len(set(isc.CIFAR100_COARSE)) == 20
-    assert DATASETS["folder"].channel_counts(isc.FolderOptions(channels=1)) == (1,)
-    assert DATASETS["cifar10"].channel_counts(isc.CIFAR10Options()) == (3,)
+    assert DATASETS["folder"].channel_counts(isc.FolderConfig(channels=1)) == (1,)
+    assert DATASETS["cifar10"].channel_counts(isc.CIFAR10Config()) == (3,)
     assert DATASETS["smallnorb"].channel_counts(DATASETS["smallnorb"].options()) == (1, 2)
 
 
@@ -148,11 +148,11 @@ def test_option_checks_are_one_line():
     with pytest.raises(ConfigError, match="data.crop=33|must be <= 32"):
         from_dict({"data": {"name": "cifar10", "crop": 33}})
     with pytest.raises(ConfigError, match="1 .grey. or 3"):
-        isc.FolderOptions(channels=2).check("x")
+        isc.FolderConfig(channels=2).check("x")
     with pytest.raises(ConfigError, match="download does not apply"):
-        isc.FolderOptions(download=True).check("x")
+        isc.FolderConfig(download=True).check("x")
     with pytest.raises(ConfigError, match="larger than the 16x16"):
-        isc.FolderOptions(image_size=16, crop=20).check("x")
+        isc.FolderConfig(image_size=16, crop=20).check("x")
 
 
 # --- IDX sets -----------------------------------------------------------------------------------

@@ -273,3 +273,20 @@ def test_the_run_folder_file_names_are_spelled_in_one_module():
                   if isinstance(node, ast.Constant) and isinstance(node.value, str)
                   and id(node) not in dict_keys and _spells_a_run_folder_name(node.value)]
     assert not found, "ask capsctl.runfolder.RunFolder instead: " + "; ".join(found)
+
+
+def test_every_config_section_class_is_named_config():
+    """One suffix: the dataclass of a config section (model family, loss, dataset, routing,
+    optimizer, trainer) is ``<Name>Config`` (checkpoints and YAML hold dicts: only these Python
+    names changed from ``<Name>Options``)."""
+    from capsctl.config import OptimConfig, TrainConfig
+    from capsctl.data.registry import DATASETS
+    from capsctl.models.registry import MODELS
+    from capsctl.models.routing import ROUTINGS
+
+    classes = {OptimConfig, TrainConfig}
+    classes |= {c for s in MODELS.values() for c in (s.config, s.loss_config)}
+    classes |= {s.options for s in DATASETS.values() if s.options is not None}
+    classes |= {s.options for s in ROUTINGS.values()}
+    wrong = sorted(c.__name__ for c in classes if not c.__name__.endswith("Config"))
+    assert not wrong, f"name these <Name>Config: {wrong}"

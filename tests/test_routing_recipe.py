@@ -62,7 +62,7 @@ def build(in_caps: int, out_caps: int, in_dim: int, out_dim: int, init_std: floa
 # --- step 2: its options dataclass and one register line (routing/__init__.py) --------------------
 
 @dataclass
-class MeanAgreementOptions:
+class MeanAgreementConfig:
     name: str = field(NAME, "one pass: couplings from each vote's agreement with the mean vote")
     temperature: float = field(1.0, "divides the agreement before the softmax over the parents",
                                gt=0)
@@ -70,7 +70,7 @@ class MeanAgreementOptions:
 
 @pytest.fixture
 def registered():
-    spec = register(RoutingSpec(MeanAgreementOptions, f"{__name__}:build", "coupling c_ij",
+    spec = register(RoutingSpec(MeanAgreementConfig, f"{__name__}:build", "coupling c_ij",
                                 "one pass from the agreement with the mean vote", "none (a test)"))
     yield spec
     del ROUTINGS[NAME]
@@ -91,7 +91,7 @@ def test_the_routing_needs_no_line_in_capsules_or_the_capsnet_config(registered)
 
 def test_it_registers_with_its_own_options(registered):
     cfg = C.from_dict({"model": CONFIG})
-    assert cfg.model.routing == MeanAgreementOptions(temperature=0.5)
+    assert cfg.model.routing == MeanAgreementConfig(temperature=0.5)
     assert C.from_dict({"model": {"routing": NAME}}).model.routing.temperature == 1.0
     assert C.load(None, [f"model.routing={NAME}", "model.routing.temperature=2"]
                   ).model.routing.temperature == 2.0
@@ -146,5 +146,5 @@ def test_a_capsnet_with_it_trains_a_step_and_loads_back(registered, tmp_path, fa
     assert len(losses) == 1 and 0 < losses[0] < 10
     last = Path(folder) / "checkpoints" / "last.pt"
     model, loaded, _ = checkpoint.load_model(last, torch.device("cpu"))
-    assert loaded.model.routing == MeanAgreementOptions(temperature=0.5)
+    assert loaded.model.routing == MeanAgreementConfig(temperature=0.5)
     assert type(model.digits) is MeanAgreementRouting

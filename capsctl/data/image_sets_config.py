@@ -61,7 +61,7 @@ def _check_crop(o, side: int, source: str) -> None:
 # --- digit-like sets in IDX files (28x28 grey) ----------------------------------------------------
 
 @dataclass
-class FashionMNISTOptions(DataFiles):
+class FashionMNISTConfig(DataFiles):
     name: str = field("fashion-mnist", "dataset: fashion-mnist (Zalando's 28x28 grey clothing, 10 "
                       "classes, MNIST's IDX files)")
     shift: int = field(2, "random integer shift in pixels each way (zero padding), training only",
@@ -70,7 +70,7 @@ class FashionMNISTOptions(DataFiles):
 
 
 @dataclass
-class KMNISTOptions(DataFiles):
+class KMNISTConfig(DataFiles):
     name: str = field("kmnist", "dataset: kmnist (Kuzushiji-MNIST, 28x28 cursive Japanese, 10 "
                       "classes)")
     shift: int = field(2, "random integer shift in pixels each way (zero padding), training only",
@@ -78,7 +78,7 @@ class KMNISTOptions(DataFiles):
 
 
 @dataclass
-class EMNISTOptions(DataFiles):
+class EMNISTConfig(DataFiles):
     name: str = field("emnist", "dataset: emnist (28x28 handwritten letters and digits, NIST)")
     split: str = field("balanced", "EMNIST split: balanced (47 classes), letters (26), digits "
                        "(10), mnist (10), bymerge (47), byclass (62)",
@@ -90,7 +90,7 @@ class EMNISTOptions(DataFiles):
 # --- natural images ---------------------------------------------------------------------------
 
 @dataclass
-class CIFAR10Options(DataFiles):
+class CIFAR10Config(DataFiles):
     name: str = field("cifar10", "dataset: cifar10 (32x32 colour, 10 classes; the python "
                       "batches)")
     crop: int = field(0, "side of the random training patch and of the centre test patch, the "
@@ -105,7 +105,7 @@ class CIFAR10Options(DataFiles):
 
 
 @dataclass
-class CIFAR100Options(CIFAR10Options):
+class CIFAR100Config(CIFAR10Config):
     name: str = field("cifar100", "dataset: cifar100 (32x32 colour, 100 classes or 20 "
                       "superclasses; the python batches)")
     labels: str = field("fine", "fine (100 classes) or coarse (20 superclasses)",
@@ -113,7 +113,7 @@ class CIFAR100Options(CIFAR10Options):
 
 
 @dataclass
-class SVHNOptions(DataFiles):
+class SVHNConfig(DataFiles):
     name: str = field("svhn", "dataset: svhn (Street View House Numbers, 32x32 colour digits; the "
                       "cropped-digits .mat files)")
     crop: int = field(0, "side of the random training patch and of the centre test patch (0 = "
@@ -127,7 +127,7 @@ class SVHNOptions(DataFiles):
 
 
 @dataclass
-class FolderOptions(DataFiles):
+class FolderConfig(DataFiles):
     name: str = field("folder", "dataset: folder (your images: ROOT/train/<class>/*.png|jpg, "
                       "ROOT/test/<class>/..., optional ROOT/val/<class>/...)")
     root: str | None = field(None, "the image folder ROOT (flag --data-root applies when this is "
@@ -162,5 +162,5 @@ class FolderOptions(DataFiles):
 
 def natural_side(o) -> int:
     """The model's input side for a natural-image set: the crop, or the whole image."""
-    full = o.image_size if isinstance(o, FolderOptions) else 32
+    full = o.image_size if isinstance(o, FolderConfig) else 32
     return o.crop or full

@@ -26,14 +26,14 @@ class DataFiles:
 
 
 @dataclass
-class MNISTOptions(DataFiles):
+class MNISTConfig(DataFiles):
     name: str = field("mnist", "dataset: mnist (28x28 digits, LeCun et al.)")
     shift: int = field(2, "random integer shift in pixels each way (zero padding), training only",
                        min=0, max=13)
 
 
 @dataclass
-class ExpandedMNISTOptions(DataFiles):
+class ExpandedMNISTConfig(DataFiles):
     name: str = field("expanded-mnist", "dataset: expanded-mnist (each digit on a 40x40 canvas, "
                       "paper 5.2)")
     shift: int = field(6, "random integer offset of the digit on the canvas, up to N px each way, "
@@ -41,7 +41,7 @@ class ExpandedMNISTOptions(DataFiles):
 
 
 @dataclass
-class MultiMNISTOptions(DataFiles):
+class MultiMNISTConfig(DataFiles):
     name: str = field("multimnist", "dataset: multimnist (two overlapping digits, paper section 6)")
     shift: int = field(4, "shift of each digit, up to N px each way (paper 4; the authors' README "
                        "used 6)", min=0, max=64)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from capsctl.data import image_sets_config as isc
-from capsctl.data.mnist_config import ExpandedMNISTOptions, MNISTOptions, MultiMNISTOptions
-from capsctl.data.smallnorb_config import SmallNORBOptions
+from capsctl.data.mnist_config import ExpandedMNISTConfig, MNISTConfig, MultiMNISTConfig
+from capsctl.data.smallnorb_config import SmallNORBConfig
 from capsctl.tasks import PAIR, SINGLE  # noqa: F401  (the kinds the datasets below declare)
 DIGITS = tuple(str(d) for d in range(10))
 EXPANDED_SIDE = 40  # 28 + 2 x 6 px of canvas
@@ -71,15 +71,15 @@ def _folder_classes(options, root_flag: str | None = None) -> tuple[str, ...] | 
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(MNISTOptions, "capsctl.data.digits:build_mnist", SINGLE,
+    "mnist": DatasetSpec(MNISTConfig, "capsctl.data.digits:build_mnist", SINGLE,
                          lambda o: 28, (1,), DIGITS, "MNIST digits, 28x28"),
-    "expanded-mnist": DatasetSpec(ExpandedMNISTOptions, "capsctl.data.digits:build_expanded",
+    "expanded-mnist": DatasetSpec(ExpandedMNISTConfig, "capsctl.data.digits:build_expanded",
                                   SINGLE, lambda o: EXPANDED_SIDE, (1,), DIGITS,
                                   "MNIST digits placed on a 40x40 canvas"),
-    "multimnist": DatasetSpec(MultiMNISTOptions, "capsctl.data.multimnist:build_bundle", PAIR,
+    "multimnist": DatasetSpec(MultiMNISTConfig, "capsctl.data.multimnist:build_bundle", PAIR,
                               lambda o: 28 + 2 * o.pad, (1,), DIGITS,
                               "two overlapping MNIST digits, (28 + 2 pad)^2"),
-    "smallnorb": DatasetSpec(SmallNORBOptions, "capsctl.data.smallnorb:build_bundle", SINGLE,
+    "smallnorb": DatasetSpec(SmallNORBConfig, "capsctl.data.smallnorb:build_bundle", SINGLE,
                              lambda o: 32, (1, 2),
                              ("animal", "human", "airplane", "truck", "car"),
                              "smallNORB, 32x32 crops of 48x48 (1 or 2 cameras)", STANDARDISED),
@@ -89,29 +89,29 @@ DATASETS: dict[str, DatasetSpec] = {
     "affnist-synth": DatasetSpec(None, "capsctl.data.build:affnist_source", SINGLE,
                                  lambda o: EXPANDED_SIDE, (1,), DIGITS,
                                  "capsctl's synthetic affNIST (evaluation only), 40x40"),
-    "fashion-mnist": DatasetSpec(isc.FashionMNISTOptions, "capsctl.data.idx_sets:build_fashion",
+    "fashion-mnist": DatasetSpec(isc.FashionMNISTConfig, "capsctl.data.idx_sets:build_fashion",
                                  SINGLE, lambda o: 28, (1,), isc.FASHION_CLASSES,
                                  "Fashion-MNIST clothing, 28x28 grey"),
-    "kmnist": DatasetSpec(isc.KMNISTOptions, "capsctl.data.idx_sets:build_kmnist", SINGLE,
+    "kmnist": DatasetSpec(isc.KMNISTConfig, "capsctl.data.idx_sets:build_kmnist", SINGLE,
                           lambda o: 28, (1,), isc.KMNIST_CLASSES,
                           "Kuzushiji-MNIST cursive Japanese, 28x28 grey"),
-    "emnist": DatasetSpec(isc.EMNISTOptions, "capsctl.data.idx_sets:build_emnist", SINGLE,
+    "emnist": DatasetSpec(isc.EMNISTConfig, "capsctl.data.idx_sets:build_emnist", SINGLE,
                           lambda o: 28, (1,), isc.EMNIST_CLASSES["balanced"],
                           "EMNIST letters and digits, 28x28 grey (split: data.split)",
                           classes_of=lambda o, root_flag=None: isc.EMNIST_CLASSES[o.split]),
-    "cifar10": DatasetSpec(isc.CIFAR10Options, "capsctl.data.cifar:build_cifar10", SINGLE,
+    "cifar10": DatasetSpec(isc.CIFAR10Config, "capsctl.data.cifar:build_cifar10", SINGLE,
                            isc.natural_side, (3,), isc.CIFAR10_CLASSES,
                            "CIFAR-10, 32x32 colour (crops: data.crop)"),
-    "cifar100": DatasetSpec(isc.CIFAR100Options, "capsctl.data.cifar:build_cifar100", SINGLE,
+    "cifar100": DatasetSpec(isc.CIFAR100Config, "capsctl.data.cifar:build_cifar100", SINGLE,
                             isc.natural_side, (3,), isc.CIFAR100_FINE,
                             "CIFAR-100, 32x32 colour, 100 classes or 20 superclasses",
                             classes_of=lambda o, root_flag=None: (
                                 isc.CIFAR100_COARSE if o.labels == "coarse"
                                 else isc.CIFAR100_FINE)),
-    "svhn": DatasetSpec(isc.SVHNOptions, "capsctl.data.svhn:build_svhn", SINGLE,
+    "svhn": DatasetSpec(isc.SVHNConfig, "capsctl.data.svhn:build_svhn", SINGLE,
                         isc.natural_side, (3,), isc.SVHN_CLASSES,
                         "SVHN house-number digits, 32x32 colour"),
-    "folder": DatasetSpec(isc.FolderOptions, "capsctl.data.folder:build_folder", SINGLE,
+    "folder": DatasetSpec(isc.FolderConfig, "capsctl.data.folder:build_folder", SINGLE,
                           isc.natural_side, (1, 3), (),
                           "your images, ROOT/{train,test,val}/<class>/ (any size, grey or RGB)",
                           channels_of=lambda o: (o.channels,), classes_of=_folder_classes),

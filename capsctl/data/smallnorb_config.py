@@ -9,6 +9,6 @@ from capsctl.fields import field
 
 
 @dataclass
-class SmallNORBOptions(DataFiles):
+class SmallNORBConfig(DataFiles):
     name: str = field("smallnorb", "dataset: smallnorb (5 toy categories, stereo 96x96 -> 48x48, "
                       "32x32 crops; EM paper)")

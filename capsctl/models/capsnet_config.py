@@ -36,7 +36,7 @@ class CapsNetConfig(ImageInput):
     primary_kernel: int = field(9, "PrimaryCaps kernel size", min=1)
     primary_stride: int = field(2, "PrimaryCaps stride", min=1)
     class_dim: int = field(16, "DigitCaps (class capsule) dimension", min=1, max=1024)
-    routing: Any = dataclasses.field(default_factory=routing.DynamicOptions, metadata={
+    routing: Any = dataclasses.field(default_factory=routing.DynamicConfig, metadata={
         "help": "the routed layer's algorithm and its options (docs/routing.md): a mapping with "
                 "name (" + ", ".join(routing.ROUTINGS) + ") and that routing's keys (tables "
                 "below), or the name alone",

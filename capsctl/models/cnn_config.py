@@ -55,7 +55,7 @@ class MultiMNISTCNNConfig(ImageInput):
 
 
 @dataclass
-class NoLossOptions:
+class NoLossConfig:
     """A loss with nothing to set (cross-entropy, binary cross-entropy)."""
 
     def check(self, source: str) -> None:

@@ -15,7 +15,7 @@ from typing import Callable
 from capsctl.lazy import resolve
 from capsctl.models.contract import CapsctlModel
 from capsctl.models.capsnet_config import CapsNetConfig, MarginLossConfig
-from capsctl.models.cnn_config import CNNConfig, MultiMNISTCNNConfig, NoLossOptions
+from capsctl.models.cnn_config import CNNConfig, MultiMNISTCNNConfig, NoLossConfig
 from capsctl.models.efficient_config import EfficientCapsNetConfig
 from capsctl.models.em_config import EMCapsNetConfig, SpreadLossConfig
 from capsctl.tasks import PAIR, SINGLE
@@ -44,10 +44,10 @@ MODELS: dict[str, ModelSpec] = {
                             "capsctl.models.em_capsnet:EMCapsNet",
                             {SINGLE: "capsctl.models.em_capsnet:em_losses"},
                             "matrix capsules with EM routing (Hinton et al. 2018)"),
-    "cnn": ModelSpec(CNNConfig, NoLossOptions, "capsctl.models.cnn:CNN",
+    "cnn": ModelSpec(CNNConfig, NoLossConfig, "capsctl.models.cnn:CNN",
                      {SINGLE: "capsctl.models.cnn:cnn_losses"},
                      "the paper's CNN baseline (softmax cross-entropy)"),
-    "multimnist-cnn": ModelSpec(MultiMNISTCNNConfig, NoLossOptions,
+    "multimnist-cnn": ModelSpec(MultiMNISTCNNConfig, NoLossConfig,
                                 "capsctl.models.multimnist_cnn:MultiMNISTCNN",
                                 {PAIR: "capsctl.models.losses:multilabel_bce_losses"},
                                 "the paper's MultiMNIST CNN baseline (sigmoid outputs)"),

@@ -68,7 +68,7 @@ def build(options: Any, in_caps: int, out_caps: int, in_dim: int, out_dim: int,
 # --- the built-in routings' options ------------------------------------------------------------
 
 @dataclass
-class DynamicOptions:
+class DynamicConfig:
     name: str = field("dynamic", "routing by agreement (Sabour, Frosst & Hinton 2017, Procedure 1)")
     iterations: int = field(3, "routing passes (the paper: 3)", min=1, max=100)
     class_bias: bool = field(False, "learned bias added to s_j (the authors' code has one; the "
@@ -81,19 +81,19 @@ class DynamicOptions:
 
 
 @dataclass
-class UniformOptions:
+class UniformConfig:
     name: str = field("uniform", "no routing: one pass at the uniform coupling c_ij = 1/J")
     class_bias: bool = field(False, "learned bias added to s_j")
 
 
 @dataclass
-class SelfAttentionOptions:
+class SelfAttentionConfig:
     name: str = field("self-attention", "one-shot self-attention routing with learned log priors "
                       "b_ij (Efficient-CapsNet's); no options")
 
 
 @dataclass
-class InvertedDotProductOptions:
+class InvertedDotProductConfig:
     name: str = field("inverted-dot-product", "parent-to-child dot-product attention with "
                       "LayerNorm (Tsai et al. 2020)")
     iterations: int = field(3, "routing passes from a uniform start (the first pass routes "
@@ -101,18 +101,18 @@ class InvertedDotProductOptions:
 
 
 register(RoutingSpec(
-    DynamicOptions, "capsctl.models.routing.dynamic:build_dynamic", "coupling c_ij",
+    DynamicConfig, "capsctl.models.routing.dynamic:build_dynamic", "coupling c_ij",
     "routing by agreement, iterations passes", "Sabour, Frosst & Hinton 2017, Procedure 1",
     kernel=True))
 register(RoutingSpec(
-    UniformOptions, "capsctl.models.routing.dynamic:build_uniform", "coupling c_ij",
+    UniformConfig, "capsctl.models.routing.dynamic:build_uniform", "coupling c_ij",
     "no routing: c_ij = 1/J, one pass", "Gu & Tresp 2020 (no routing)", kernel=True))
 register(RoutingSpec(
-    SelfAttentionOptions, "capsctl.models.routing.self_attention:build", "attention c_ij",
+    SelfAttentionConfig, "capsctl.models.routing.self_attention:build", "attention c_ij",
     "one-shot self-attention routing with learned log priors b_ij",
     "Mazzia, Salvetti & Chiaberge 2021 (Efficient-CapsNet), self-attention routing"))
 register(RoutingSpec(
-    InvertedDotProductOptions, "capsctl.models.routing.inverted:build", "routing r_ij",
+    InvertedDotProductConfig, "capsctl.models.routing.inverted:build", "routing r_ij",
     "parent-to-child dot-product attention with LayerNorm, iterations passes from a uniform "
     "start", "Tsai, Srivastava, Goh & Salakhutdinov 2020, Procedure 1, eqs. 1-3"))
 
