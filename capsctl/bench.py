@@ -2,7 +2,7 @@
 "conv-only bound" (Conv1 + PrimaryCaps forward + backward, the work no CapsNet can avoid); and
 each phase against the machine: FLOPs per image (capsctl/flops.py says how they are counted),
 achieved GFLOP/s and the fraction of the matrix-product peak measured in the same run. With
-``profile``, where a training step's time goes (capsctl/profile.py).
+``profile``, where a training step's time goes (capsctl/step_profile.py).
 
 Every phase runs on a synthetic batch of the configured shape (no dataset needed), warms up, then
 times ``steps`` steps one by one and reports the median. Memory is the peak of the phase: the
@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from capsctl import flops as flops_mod, profile as profile_mod, tasks
+from capsctl import flops as flops_mod, step_profile as profile_mod, tasks
 from capsctl.config import Config
 from capsctl.data.registry import DATASETS
 from capsctl.device import autocast, compile_model, describe, use_channels_last

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from capsctl import flops, profile
+from capsctl import flops, step_profile as profile
 from capsctl.cli import app, bench as cli_bench
 from capsctl.config import load as load_config
 from capsctl.models import build_model, conv

@@ -235,15 +235,11 @@ def test_config_core_and_registries_do_not_import_torch(module):
     assert torch_modules == [], f"importing {module} imports torch"
 
 
-# capsctl/profile.py is the one module still named like a standard-library module (`profile`);
-# it is listed here until it is renamed, so that no new one appears.
-STDLIB_NAMED_BEFORE = {"capsctl.profile"}
-
-
 def test_no_module_or_package_is_named_like_a_standard_library_module():
-    """`capsctl/inspect/` once shadowed the standard library's `inspect` (now capsctl.inspection)."""
+    """`capsctl/inspect/` once shadowed the standard library's `inspect` (now capsctl.inspection),
+    `capsctl/profile.py` its `profile` (now capsctl.step_profile)."""
     named = {name for name in SOURCES if name.split(".")[-1] in sys.stdlib_module_names}
-    assert named <= STDLIB_NAMED_BEFORE, f"rename: {sorted(named - STDLIB_NAMED_BEFORE)}"
+    assert not named, f"rename: {sorted(named)}"
 
 
 RUN_FOLDER_NAMES = {"checkpoints", "last.pt", "best.pt", "config.yaml", "metrics.jsonl", "tb",
