@@ -318,7 +318,7 @@ def test_eval_matches_a_folders_classes_by_name(tmp_path):
 
 B = "[b]x"          # rich markup reads [b] as "bold": printed unescaped, it vanishes
 WIDE = {"COLUMNS": "400"}
-INFO_LINE = "capsctl train "   # training/loop.py's start line: see the xfail test below
+INFO_LINE = "capsctl train "   # training/loop.py's start line: see the test below
 
 
 def _as_given(output: str, *strings: str, skip: tuple[str, ...] = ()) -> None:
@@ -374,8 +374,6 @@ def test_every_command_prints_user_strings_as_given(tmp_path, fake_mnist):
     assert r.exit_code == 0 and f"root: d {B}" in r.stdout, r.output
 
 
-@pytest.mark.xfail(reason="the start line of training/loop.py prints the run folder without "
-                          "escaping it (a fix outside the command-line modules)", strict=False)
 def test_the_training_start_line_prints_the_run_folder_as_given(tmp_path, fake_mnist):
     config = _tiny_yaml(tmp_path, fake_mnist)
     r = cli("train", config, "--run-dir", tmp_path / f"runs {B}", "--no-progress", env=WIDE)

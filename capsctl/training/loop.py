@@ -218,7 +218,7 @@ def _open_run(r: _Run, resume: bool, force: bool) -> None:
             else f"; resuming at step {state.step}" if resume else "")
     r.console.print(f"[bold]capsctl train[/] {r.cfg.model.name} "
                     f"({count_parameters(r.model):,} parameters) on {r.device}, "
-                    f"{r.cfg.train.precision}; run folder {paths.root}{note}")
+                    f"{r.cfg.train.precision}; run folder {escape(str(paths.root))}{note}")
 
 
 def _step_model(model, device, group: Group, compile_: bool, console: Console):
@@ -231,7 +231,8 @@ def _step_model(model, device, group: Group, compile_: bool, console: Console):
         ddp = DistributedDataParallel(model, device_ids=[device.index]
                                       if device.type == "cuda" else None)
     return compile_model(ddp or model, compile_,
-                         lambda msg: console.print(f"[yellow]warning:[/] {msg}", highlight=False))
+                         lambda msg: console.print(f"[yellow]warning:[/] {escape(msg)}",
+                                                   highlight=False))
 
 
 def _rank_slice(batch: dict, group: Group, n: int) -> dict:
