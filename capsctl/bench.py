@@ -320,18 +320,6 @@ KEYS = ("device", "device_type", "dtype", "torch", "threads", "model", "paramete
 PHASE_KEYS = tuple(Phase.__dataclass_fields__)
 
 
-def cpu_info() -> str:
-    """The CPU model name (Linux), for the report header."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def load_average() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -12,11 +12,9 @@ dynamic batch), in a temporary folder, and checked against the eager model first
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -28,22 +26,6 @@ from capsctl.export import TOLERANCE, _quiet, compare, graph_of, reference, requ
 
 PATHS = ("eager torch", "eager + C kernel", "TorchScript", "ONNX Runtime")
 MODELS = {"CapsNet (paper)": [], "Efficient-CapsNet": ["model.name=efficient-capsnet"]}
-
-
-@contextmanager
-def _kernel(on: bool):
-    """The C routing kernel switched on or off ($CAPSCTL_ROUTING_KERNEL) for the block."""
-    from capsctl.models import routing_kernel
-
-    old = os.environ.get(routing_kernel.ENV_SWITCH)
-    os.environ[routing_kernel.ENV_SWITCH] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(routing_kernel.ENV_SWITCH, None)
-        else:
-            os.environ[routing_kernel.ENV_SWITCH] = old
 
 
 def time_calls(fn: Callable[[], object], runs: int, warmup: int) -> list[float]:
@@ -79,7 +61,7 @@ def _runners(model, folder: Path, x_check: np.ndarray, threads: int) -> dict:
             t = torch.from_numpy(x)
 
             def call():
-                with _kernel(on), torch.no_grad():
+                with routing_kernel.switched(on), torch.no_grad():
                     return model(t)
             return call
         return of
@@ -97,14 +79,14 @@ def _runners(model, folder: Path, x_check: np.ndarray, threads: int) -> dict:
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     routed = any(isinstance(m, RoutedCapsules) for m in model.modules())
-    with _kernel(True):
+    with routing_kernel.switched(True):
         kernel = routing_kernel.load() is not None
     out = {"eager torch": eager(False),
            "eager + C kernel": eager(True) if routed and kernel else
            ("n/a (no dynamic routing)" if not routed else "n/a (kernel not built)"),
            "TorchScript": lambda x: (lambda t=torch.from_numpy(x): _no_grad(traced, t)),
            "ONNX Runtime": lambda x: (lambda: session.run(names, {"image": x}))}
-    with _kernel(False):
+    with routing_kernel.switched(False):
         ref = {"scores": reference(model, x_check, False)["scores"]}
     for name, fn in (("TorchScript", out["TorchScript"]), ("ONNX Runtime", out["ONNX Runtime"])):
         got = fn(x_check)()

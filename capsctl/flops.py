@@ -21,9 +21,7 @@ fp32, measured in the same process just before the phases, by torch's ``@`` and 
 
 from __future__ import annotations
 
-import os
 import time
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -63,20 +61,6 @@ def matmul_peak(device: torch.device, precision: str, n: int | None = None) -> f
     return 2.0 * n ** 3 / best / 1e9
 
 
-@contextmanager
-def _torch_routing():
-    """The routed layer as torch operations (the counter cannot see inside the C kernel)."""
-    old = os.environ.get(routing_kernel.ENV_SWITCH)
-    os.environ[routing_kernel.ENV_SWITCH] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(routing_kernel.ENV_SWITCH, None)
-        else:
-            os.environ[routing_kernel.ENV_SWITCH] = old
-
-
 def first_conv(model: nn.Module) -> nn.Module | None:
     """The first convolution the input meets (registration order), or None."""
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -95,7 +79,7 @@ def count(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> dic
     counter = FlopCounterMode(display=False, depth=1)
     try:
         model.train()
-        with _torch_routing(), conv_mod.forced("onednn"), torch.no_grad(), counter:
+        with routing_kernel.switched(False), conv_mod.forced("onednn"), torch.no_grad(), counter:
             model(xb, yb)
     finally:
         model.train(was_training)

@@ -380,14 +380,7 @@ def predict(checkpoint, files: list, device_name: str | None = None,
         probe.require_decoder(model, "--recon")
     names = class_names_of(cfg, state, data_root)
     view = preprocessing_of(cfg)
-    inputs = list_inputs(files)
-    images = read_inputs(inputs, view)
-    if not keep_going:
-        _first_error(inputs)
-    good = [i for i in inputs if i.error is None]
-    targets = recon_paths(good, Path(recon_dir)) if recon_dir is not None else []
-    if not force:
-        check_not_there(targets, recon_dir)
+    inputs, images, targets = _inputs(files, view, recon_dir, keep_going, force)
     out = run_model(model, images, view, device, batch_size or cfg.train.eval_batch_size,
                     cfg.train.precision, recon_dir is not None) if len(images) else \
         {"scores": torch.zeros(0, len(names))}
@@ -398,6 +391,21 @@ def predict(checkpoint, files: list, device_name: str | None = None,
             row["recon"] = str(save_recon(out["input"][b], out["recon"][b], view, path))
     return {"checkpoint": str(checkpoint), "dataset": cfg.data.name, "classes": names,
             "score_name": SCORE_NAMES.get(model.capsule_key, "score"), "rows": rows}
+
+
+def _inputs(files: list, view, recon_dir, keep_going: bool, force: bool):
+    """The inputs (with their errors), their images, and the reconstruction pictures to write
+    (refused when one exists and not ``force``); the first bad input is the error unless
+    ``keep_going``."""
+    inputs = list_inputs(files)
+    images = read_inputs(inputs, view)
+    if not keep_going:
+        _first_error(inputs)
+    good = [i for i in inputs if i.error is None]
+    targets = recon_paths(good, Path(recon_dir)) if recon_dir is not None else []
+    if not force:
+        check_not_there(targets, recon_dir)
+    return inputs, images, targets
 
 
 def predict_onnx(path, files: list, batch_size: int | None = None, top_k: int = 3,
@@ -416,14 +424,7 @@ def predict_onnx(path, files: list, batch_size: int | None = None, top_k: int = 
     view = Preprocessing(int(i["side"]), int(i["channels"]), int(i["crop"]),
                          str(i["normalisation"]))
     names = [str(n) for n in meta["classes"]]
-    inputs = list_inputs(files)
-    images = read_inputs(inputs, view)
-    if not keep_going:
-        _first_error(inputs)
-    good = [i for i in inputs if i.error is None]
-    targets = recon_paths(good, Path(recon_dir)) if recon_dir is not None else []
-    if not force:
-        check_not_there(targets, recon_dir)
+    inputs, images, targets = _inputs(files, view, recon_dir, keep_going, force)
     fixed = meta["batch"] if isinstance(meta["batch"], int) else None
     scores = torch.zeros(0, len(names))
     if len(images):

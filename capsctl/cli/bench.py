@@ -190,7 +190,7 @@ def bench(
                       steps=steps, warmup=warmup, profile=profile,
                       warn=warning_line)
     if dev.type == "cpu":
-        r["cpu"] = bench_mod.cpu_info()
+        r["cpu"] = device_mod.cpu_name()
         r["load_average"] = bench_mod.load_average()
     if as_json:
         json_line(r)
@@ -208,12 +208,12 @@ def export_latency(config, set_: list[str], runs: int, large: int, threads: int,
         raise CapsctlError(f"--runs {runs}: expected 1 or more")
     import torch
 
-    from capsctl import bench as bench_mod, export_bench
+    from capsctl import bench as bench_mod, device as device_mod, export_bench
 
     if threads:
         torch.set_num_threads(threads)
     r = export_bench.run(str(config) if config else None, set_, runs=runs, large=large)
-    r["cpu"], r["load_average"] = bench_mod.cpu_info(), bench_mod.load_average()
+    r["cpu"], r["load_average"] = device_mod.cpu_name(), bench_mod.load_average()
     if as_json:
         json_line(r)
         return

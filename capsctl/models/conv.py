@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
+from capsctl.device import cpu_name
 from capsctl.paths import cache_root
 
 FORMULATIONS = ("onednn", "channels-last", "wgrad-gemm")
@@ -188,17 +188,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # --- the choice -------------------------------------------------------------------------------
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def key(conv: nn.Conv2d, x: torch.Tensor, train: bool) -> str:
     """What a measured choice depends on: machine, torch, threads, precision, shapes, phase."""

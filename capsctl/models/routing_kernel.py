@@ -19,6 +19,7 @@ other and to a plain loop reference.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -46,6 +47,21 @@ MAX_R = 64  # routing passes the kernel takes
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None, "why": the reason when None
+
+
+@contextlib.contextmanager
+def switched(on: bool):
+    """The kernel switched on or off (``ENV_SWITCH``) for the block, then as it was: for FLOP
+    counting (the counter cannot see inside the kernel) and the latency table."""
+    old = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_SWITCH, None)
+        else:
+            os.environ[ENV_SWITCH] = old
 
 
 def enabled() -> bool:
