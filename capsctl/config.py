@@ -229,8 +229,9 @@ def validate(cfg: Config, source: str = "config", root_flag: str | None = None) 
     spec, dspec = MODELS[m.name], DATASETS[d.name]
     if dspec.task not in spec.losses:
         fits = [n for n, s in MODELS.items() if dspec.task in s.losses]
+        kind = TASK_WORDS.get(dspec.task, dspec.task)
         raise ConfigError(f"{source}: model family {m.name} cannot learn dataset {d.name} "
-                          f"(a {TASK_WORDS.get(dspec.task, dspec.task)} task); use {' or '.join(fits)}")
+                          f"(a {kind} task); use {' or '.join(fits)}")
     check_fits(m, d.name, d, source, root_flag)
     if cfg.train.target_val_accuracy > 0 and d.val_size == 0:
         raise ConfigError(f"{source}: train.target_val_accuracy needs a validation set; set "
