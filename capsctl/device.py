@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import platform
 import sys
 from typing import TYPE_CHECKING
@@ -68,8 +69,10 @@ def tune_allocator() -> bool:
         return False
 
 
+@functools.cache
 def cpu_name() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform module says."""
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform module says; read
+    once per process (every convolution's choice key holds it, on every call)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
