@@ -118,6 +118,7 @@ def init(device_name: str) -> tuple[Group, str]:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        import gc; gc.collect()
 
 
 def local_batch_size(global_batch: int, group: Group) -> int:

@@ -564,9 +564,13 @@ def hostile_mats() -> dict[str, bytes]:
 
 
 def in_child(fn, timeout: float = 60) -> tuple[int, float, float, object]:
-    """Runs ``fn()`` in a forked child: (wait status, seconds, peak RSS of the child in MB, what
-    ``fn`` returned or the exception it raised, as text). A child that crashes or hangs is
-    reported, not fatal: the status says how it ended (SIGKILL after ``timeout`` s)."""
+    """Runs ``fn()`` in a forked child: (wait status, seconds, how far the child's resident set
+    rose above what it started with, in MB, what ``fn`` returned or the exception it raised, as
+    text). A child that crashes or hangs is reported, not fatal: the status says how it ended
+    (SIGKILL after ``timeout`` s). The rise is measured inside the child (its high-water mark,
+    reset at the start, minus its resident set then), so the pages it shares with pytest and
+    the kernel reclaiming them on a busy machine do not enter it; NaN for a child that was
+    killed before it could say."""
     import pickle
     import signal
     import tempfile
@@ -579,31 +583,43 @@ def in_child(fn, timeout: float = 60) -> tuple[int, float, float, object]:
     if pid == 0:  # the child: never returns into pytest
         code = 0
         try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the high-water mark to the current resident set
+            start = _status_mb("VmRSS")
             value = fn()
         except BaseException as e:  # noqa: BLE001 - reported to the parent
             value, code = f"{type(e).__name__}: {e}", 3
         try:
             with open(result, "wb") as f:
-                pickle.dump(value, f)
+                pickle.dump((value, _status_mb("VmHWM") - start), f)
         finally:
             os._exit(code)
     while True:
-        done, status, usage = os.wait4(pid, os.WNOHANG)
+        done, status, _ = os.wait4(pid, os.WNOHANG)
         if done:
             break
         if time.monotonic() - t > timeout:
             os.kill(pid, signal.SIGKILL)
-            _, status, usage = os.wait4(pid, 0)
+            _, status, _ = os.wait4(pid, 0)
             break
         time.sleep(0.002)
     seconds = time.monotonic() - t
     try:
         with open(result, "rb") as f:
-            value = pickle.load(f)
+            value, rise = pickle.load(f)
     except (OSError, EOFError, pickle.UnpicklingError):
-        value = None
+        value, rise = None, float("nan")
     os.unlink(result)
-    return status, seconds, usage.ru_maxrss / 1024, value
+    return status, seconds, rise, value
+
+
+def _status_mb(key: str) -> float:
+    """One memory line of /proc/self/status (``VmRSS``, ``VmHWM``), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/self/status has no {key}")
 
 
 def refusal(reader, path: Path):
