@@ -51,20 +51,40 @@ def free_space(folder: Path) -> str:
     return f"{free / 1e6:,.1f} MB free" if free < 10 ** 9 else f"{free / 1e9:,.1f} GB free"
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check a checkpoint; every failure is a one-line CheckpointError."""
+def resolve_file(path: str | Path) -> Path:
+    """The checkpoint file a path names: itself, or a run folder's best.pt, or a pretrained
+    model folder's model.pt; a one-line CheckpointError when there is none."""
     path = Path(path)
     if path.is_dir():
         for candidate in (RunFolder(path).best, path / RunFolder.BEST,
                           path / "model.pt"):  # a run folder, or a pretrained model's
             if candidate.is_file():
-                path = candidate
-                break
-        else:
-            raise CheckpointError(f"{path} is a folder without checkpoints/best.pt (a run) or "
-                                  "model.pt (a pretrained model); pass a .pt file")
+                return candidate
+        raise CheckpointError(f"{path} is a folder without checkpoints/best.pt (a run) or "
+                              "model.pt (a pretrained model); pass a .pt file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def add_entry(path: str | Path, key: str, value: Any) -> Path:
+    """Store ``value`` (plain data) under ``key`` in the checkpoint ``path`` names, rewriting it
+    atomically with everything else exactly as it was (its format version, packed weights and
+    all): what the trainer and `capsctl calibrate` add after the fact. Returns the file."""
+    file = resolve_file(path)
+    load(file)                                   # every check a load makes, first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = torch.load(file, map_location="cpu", weights_only=True)
+    if key in REQUIRED:
+        raise ValueError(f"add_entry: {key!r} is part of the checkpoint itself")
+    save(file, {**raw, key: value})
+    return file
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint; every failure is a one-line CheckpointError."""
+    path = resolve_file(path)
     _check_records(path)
     try:
         with warnings.catch_warnings():  # torch warns about odd pickles; the error says it all

@@ -239,25 +239,32 @@ def read_inputs(inputs: list[Input], view: Preprocessing, workers: int = 8) -> n
 
 @torch.no_grad()
 def run_model(model, images_NCSS: np.ndarray, view: Preprocessing, device: torch.device,
-              batch_size: int, precision: str, recon: bool = False) -> dict:
+              batch_size: int, precision: str, recon: bool = False,
+              distance: bool = False) -> dict:
     """The model on the stored images (N >= 1), in batches on ``device``: {"scores": (N, J)
-    float on the CPU} and, with ``recon``, "input" and "recon" (N, C, crop, crop): what the model saw and
-    its reconstruction from the predicted class's capsule."""
+    float on the CPU}; with ``recon``, "input" and "recon" (N, C, crop, crop): what the model
+    saw and its reconstruction from the predicted class; with ``distance`` (a model with a
+    decoder), "distance" (N,): the L2 distance between the two (the detector's,
+    capsctl/adversarial/detector.py)."""
+    from capsctl.adversarial.detector import l2_distance
     from capsctl.device import autocast
     from capsctl.inspection import probe
 
-    parts: dict[str, list[torch.Tensor]] = {"scores": [], "input": [], "recon": []}
+    parts: dict[str, list[torch.Tensor]] = {"scores": [], "input": [], "recon": [],
+                                            "distance": []}
     for start in range(0, len(images_NCSS), batch_size):
         u8 = torch.from_numpy(images_NCSS[start:start + batch_size]).to(device)
         x = model_input(u8, view)
         with autocast(device, precision):
-            out = model(x)
+            out = model(x)      # with a decoder, recon is from the predicted class
         scores_BJ = out["scores"].float()
         parts["scores"].append(scores_BJ.cpu())
         if recon:
             recon_BN = probe.decode(model, probe.capsules(model, out), scores_BJ.argmax(1))
             parts["input"].append(x.float().cpu())
             parts["recon"].append(recon_BN.view_as(x).cpu())
+        if distance:            # as the detector measured it (adversarial/detector.examine)
+            parts["distance"].append(l2_distance(x, out["recon"]).cpu())
     return {k: torch.cat(v) for k, v in parts.items() if v}
 
 
@@ -323,9 +330,12 @@ def save_recon(x_CHW: torch.Tensor, recon_CHW: torch.Tensor, view: Preprocessing
 # --- predict ----------------------------------------------------------------------------------------
 
 def rows_of(inputs: list[Input], scores_NJ: torch.Tensor, names: list[str],
-            top_k: int) -> list[dict]:
+            top_k: int, distance_N: torch.Tensor | None = None,
+            threshold: float | None = None) -> list[dict]:
     """One row per input, in order: {"file", "class", "index", "score", "top_k": [{"class",
-    "score"}], "scores": {class: score}}; or {"file", "error"} for an unreadable input."""
+    "score"}], "scores": {class: score}}; or {"file", "error"} for an unreadable input. With
+    ``distance_N`` rows also have "distance" (the reconstruction distance) and "unusual"
+    (above ``threshold``)."""
     rows, n = [], 0
     k = min(top_k, len(names))
     for item in inputs:
@@ -340,6 +350,9 @@ def rows_of(inputs: list[Input], scores_NJ: torch.Tensor, names: list[str],
         rows.append({"file": str(item.path), "class": top[0]["class"],
                      "index": int(best.indices[0]), "score": top[0]["score"], "top_k": top,
                      "scores": dict(zip(names, map(float, s_J.tolist())))})
+        if distance_N is not None:
+            d = float(distance_N[n - 1])
+            rows[-1].update({"distance": d, "unusual": bool(d > threshold)})
     return rows
 
 
@@ -362,7 +375,10 @@ def predict(checkpoint, files: list, device_name: str | None = None,
     ``checkpoint``. Returns {"checkpoint", "dataset", "classes", "score_name", "rows"} (rows:
     see ``rows_of``; with ``recon_dir`` each row has "recon", its picture). An unreadable file
     is a one-line DataError, or with ``keep_going`` an error row. A reconstruction picture
-    that exists already is a one-line error before the model runs, unless ``force``."""
+    that exists already is a one-line error before the model runs, unless ``force``. A model
+    whose checkpoint keeps a detector (capsctl/adversarial/detector.py) adds "distance" and
+    "unusual" to every row, and the result says "threshold"."""
+    from capsctl.adversarial.detector import Detector
     from capsctl.checkpoint import load_model
     from capsctl.classes import class_names_of
     from capsctl.device import resolve
@@ -381,16 +397,19 @@ def predict(checkpoint, files: list, device_name: str | None = None,
     names = class_names_of(cfg, state, data_root)
     view = preprocessing_of(cfg)
     inputs, images, targets = _inputs(files, view, recon_dir, keep_going, force)
+    detector = Detector.of(state) if model.has_decoder else None
     out = run_model(model, images, view, device, batch_size or cfg.train.eval_batch_size,
-                    cfg.train.precision, recon_dir is not None) if len(images) else \
-        {"scores": torch.zeros(0, len(names))}
-    rows = rows_of(inputs, out["scores"], names, top_k)
+                    cfg.train.precision, recon_dir is not None, detector is not None) \
+        if len(images) else {"scores": torch.zeros(0, len(names))}
+    rows = rows_of(inputs, out["scores"], names, top_k, out.get("distance"),
+                   detector.threshold if detector else None)
     if recon_dir is not None and len(images):
         ok_rows = [r for r in rows if "error" not in r]
         for b, (row, path) in enumerate(zip(ok_rows, targets)):
             row["recon"] = str(save_recon(out["input"][b], out["recon"][b], view, path))
     return {"checkpoint": str(checkpoint), "dataset": cfg.data.name, "classes": names,
-            "score_name": SCORE_NAMES.get(model.capsule_key, "score"), "rows": rows}
+            "score_name": SCORE_NAMES.get(model.capsule_key, "score"), "rows": rows,
+            "threshold": detector.threshold if detector else None}
 
 
 def _inputs(files: list, view, recon_dir, keep_going: bool, force: bool):

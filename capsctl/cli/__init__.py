@@ -12,8 +12,8 @@ from typing import Annotated, Optional
 import typer
 
 from capsctl import __version__
-from capsctl.cli import bench, compare, config, data, eval, export, inspection, plot, \
-    predict, pretrained, sweep, train
+from capsctl.cli import attack, bench, compare, config, data, eval, export, inspection, \
+    plot, predict, pretrained, sweep, train
 from capsctl.cli.options import CapsctlGroup, debug, error_line, out
 from capsctl.errors import CapsctlError
 
@@ -37,8 +37,8 @@ def _root(version: Annotated[Optional[bool], typer.Option(
     tune_allocator()
 
 
-for _module in (train, eval, predict, export, config, bench, inspection, compare, plot, sweep,
-                pretrained, data):  # the order of `capsctl --help`
+for _module in (train, eval, predict, attack, export, config, bench, inspection, compare, plot,
+                sweep, pretrained, data):  # the order of `capsctl --help`
     _module.register(app)
 
 

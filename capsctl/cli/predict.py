@@ -30,12 +30,21 @@ def predictions_table(result: dict) -> Table:
     table.add_column("class")
     table.add_column(escape(result["score_name"]), justify="right")
     table.add_column("top-k")
+    flagged = result.get("threshold") is not None
+    if flagged:
+        table.add_column(f"recon distance (unusual > {result['threshold']:.3g})",
+                         justify="right")
     for row in result["rows"]:
         if "error" in row:
-            table.add_row(escape(row["file"]), "[red]error[/]", "", escape(row["error"]))
+            table.add_row(escape(row["file"]), "[red]error[/]", "", escape(row["error"]),
+                          *[""] * flagged)
         else:
-            table.add_row(escape(row["file"]), escape(row["class"]), f"{row['score']:.4f}",
-                          _top(row))
+            cells = [escape(row["file"]), escape(row["class"]), f"{row['score']:.4f}",
+                     _top(row)]
+            if flagged:
+                cells.append(f"{row['distance']:.3f}" + (" [yellow]unusual[/]"
+                                                        if row["unusual"] else ""))
+            table.add_row(*cells)
     return table
 
 
@@ -68,11 +77,14 @@ def predict(
     data_root: DataRootOpt = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object per file (JSON lines): file, class, index, score, "
-                       "top_k, scores {class: score} (and recon); or file and error. Default: "
-                       "a table.")] = False,
+                       "top_k, scores {class: score} (and recon; distance and unusual when "
+                       "the checkpoint keeps a detector); or file and error. Default: a "
+                       "table.")] = False,
 ):
     """Predict the class of your own images with a trained model, preprocessed exactly as the
-    test images of the dataset it was trained on (channels, size, centre crop, scaling).
+    test images of the dataset it was trained on (channels, size, centre crop, scaling). A
+    model with a stored detector (training keeps one; `capsctl calibrate` for older ones)
+    marks an input whose reconstruction is far from it as unusual.
 
     Examples: capsctl predict runs/fashion shoe.jpg photos/;
     capsctl predict runs/mnist/checkpoints/best.pt digits/ --json --top-k 2
@@ -90,6 +102,12 @@ def predict(
             json_line(row)
     else:
         print_table(predictions_table(result))
+    if result.get("threshold") is not None:
+        ok = [r for r in result["rows"] if "error" not in r]
+        n_unusual = sum(r["unusual"] for r in ok)
+        err.print(f"{n_unusual} of {len(ok)} input(s) unusual: reconstruction distance above "
+                  f"{result['threshold']:.4g}, the checkpoint's threshold (about 5% of clean "
+                  "validation images are above it)", highlight=False)
     bad = sum("error" in r for r in result["rows"])
     if bad:
         err.print(f"[yellow]warning:[/] {bad} of {len(result['rows'])} file(s) could not be "

@@ -23,6 +23,11 @@ class CNNConfig(ImageInput):
                             max=4096)
     dropout: float = field(0.5, "dropout probability after each fully connected layer", min=0.0,
                            max=0.99)
+    decoder: bool = field(False, "class-conditional reconstruction decoder from the last hidden "
+                          "layer (DARCCC's CNN; docs/adversarial.md): off in the Table 1 "
+                          "baseline")
+    decoder_hidden: list[int] = field([512, 1024], "decoder hidden layer widths (ReLU); output "
+                                      "sigmoid pixels, as CapsNet's", min=1, max=65536)
 
     def check(self, source: str) -> None:
         if self.pool and len(self.pool) != len(self.channels):
@@ -52,6 +57,19 @@ class MultiMNISTCNNConfig(ImageInput):
         if self.input_size >> len(self.channels) < 1:
             raise ConfigError(f"{source}: model.input_size={self.input_size} is too small for "
                               f"{len(self.channels)} 2x2 poolings")
+
+
+@dataclass
+class CrossEntropyLossConfig:
+    """Softmax cross-entropy, plus the weighted reconstruction error when the CNN has a
+    decoder (model.decoder)."""
+
+    recon_weight: float = field(0.0005, "weight of the reconstruction sum of squared errors "
+                                "when model.decoder is true (0 disables the term); CapsNet's "
+                                "weight", min=0.0)
+
+    def check(self, source: str) -> None:
+        pass
 
 
 @dataclass

@@ -234,6 +234,12 @@ def spread_loss(a_BJ: torch.Tensor, y_B: torch.Tensor, margin: float) -> torch.T
     return (gap_BJ * wrong_BJ).sum(dim=1)
 
 
+def spread_loss_of(a_BJ: torch.Tensor, y_B: torch.Tensor, lc: SpreadLossConfig) -> torch.Tensor:
+    """The spread loss at its final margin (``m_end``), per example (B,): the family's
+    ``class_loss`` (registry.ModelSpec)."""
+    return spread_loss(a_BJ, y_B, lc.m_end)
+
+
 def em_losses(out: dict, batch: dict, lc: SpreadLossConfig, step: int = 0
               ) -> dict[str, torch.Tensor]:
     """Spread loss (margin by ``step``) + optional reconstruction term."""

@@ -21,6 +21,14 @@ def margin_loss(lengths_BJ: torch.Tensor, targets_BJ: torch.Tensor, m_plus: floa
     return (present + absent).sum(dim=1)
 
 
+def margin_loss_of(scores_BJ: torch.Tensor, y_B: torch.Tensor,
+                   cfg: MarginLossConfig) -> torch.Tensor:
+    """The margin loss alone of one-label examples, per example (B,): the capsule families'
+    ``class_loss`` (registry.ModelSpec)."""
+    targets_BJ = F.one_hot(y_B, scores_BJ.shape[1])
+    return margin_loss(scores_BJ, targets_BJ, cfg.m_plus, cfg.m_minus, cfg.down_weight)
+
+
 def reconstruction_sse(recon_BN: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Per-example sum of squared pixel errors, shape (B,)."""
     return (recon_BN.float() - images.flatten(1).float()).pow(2).sum(dim=1)

@@ -15,7 +15,8 @@ from typing import Callable
 from capsctl.lazy import resolve
 from capsctl.models.contract import CapsctlModel
 from capsctl.models.capsnet_config import CapsNetConfig, MarginLossConfig
-from capsctl.models.cnn_config import CNNConfig, MultiMNISTCNNConfig, NoLossConfig
+from capsctl.models.cnn_config import (CNNConfig, CrossEntropyLossConfig, MultiMNISTCNNConfig,
+                                       NoLossConfig)
 from capsctl.models.efficient_config import EfficientCapsNetConfig
 from capsctl.models.em_config import EMCapsNetConfig, SpreadLossConfig
 from capsctl.tasks import PAIR, SINGLE
@@ -26,27 +27,33 @@ class ModelSpec:
     """One family: ``config`` is the ``model`` section's dataclass, ``loss_config`` the ``loss``
     section's; ``module`` and ``losses`` (one per task kind the family can learn) are
     "module:attribute" paths. A loss is ``fn(out, batch, loss_cfg, step) -> dict`` of named
-    scalar terms including ``total``."""
+    scalar terms including ``total``. ``class_loss`` ("module:attribute", one-label tasks) is
+    the family's classification loss alone, per example: ``fn(scores_BJ, y_B, loss_cfg) ->
+    (B,)`` (what ``capsctl attack`` ascends); None where the family has none (two labels)."""
 
     config: type
     loss_config: type
     module: str
     losses: dict[str, str]
     summary: str
+    class_loss: str | None = None
 
 
 MODELS: dict[str, ModelSpec] = {
     "capsnet": ModelSpec(CapsNetConfig, MarginLossConfig, "capsctl.models.capsnet:CapsNet",
                          {SINGLE: "capsctl.models.losses:capsnet_losses",
                           PAIR: "capsctl.models.losses:multimnist_losses"},
-                         "CapsNet with dynamic routing (Sabour et al. 2017)"),
+                         "CapsNet with dynamic routing (Sabour et al. 2017)",
+                         "capsctl.models.losses:margin_loss_of"),
     "em-capsnet": ModelSpec(EMCapsNetConfig, SpreadLossConfig,
                             "capsctl.models.em_capsnet:EMCapsNet",
                             {SINGLE: "capsctl.models.em_capsnet:em_losses"},
-                            "matrix capsules with EM routing (Hinton et al. 2018)"),
-    "cnn": ModelSpec(CNNConfig, NoLossConfig, "capsctl.models.cnn:CNN",
+                            "matrix capsules with EM routing (Hinton et al. 2018)",
+                            "capsctl.models.em_capsnet:spread_loss_of"),
+    "cnn": ModelSpec(CNNConfig, CrossEntropyLossConfig, "capsctl.models.cnn:CNN",
                      {SINGLE: "capsctl.models.cnn:cnn_losses"},
-                     "the paper's CNN baseline (softmax cross-entropy)"),
+                     "the paper's CNN baseline (softmax cross-entropy)",
+                     "capsctl.models.cnn:cross_entropy_of"),
     "multimnist-cnn": ModelSpec(MultiMNISTCNNConfig, NoLossConfig,
                                 "capsctl.models.multimnist_cnn:MultiMNISTCNN",
                                 {PAIR: "capsctl.models.losses:multilabel_bce_losses"},
@@ -55,7 +62,8 @@ MODELS: dict[str, ModelSpec] = {
                                    "capsctl.models.efficient_capsnet:EfficientCapsNet",
                                    {SINGLE: "capsctl.models.losses:capsnet_losses"},
                                    "Efficient-CapsNet: depthwise primary capsules, "
-                                   "self-attention routing (Mazzia et al. 2021)"),
+                                   "self-attention routing (Mazzia et al. 2021)",
+                                   "capsctl.models.losses:margin_loss_of"),
 }
 
 
@@ -75,6 +83,16 @@ def loss_fn(cfg, task: str) -> Callable:
     fn = resolve(MODELS[cfg.model.name].losses[task])
     loss_cfg = cfg.loss
     return lambda out, batch, step=0: fn(out, batch, loss_cfg, step)
+
+
+def class_loss_fn(cfg) -> Callable | None:
+    """The configured family's per-example classification loss ``fn(scores_BJ, y_B) -> (B,)``
+    (ModelSpec.class_loss), or None where it has none."""
+    path = MODELS[cfg.model.name].class_loss
+    if path is None:
+        return None
+    fn, loss_cfg = resolve(path), cfg.loss
+    return lambda scores_BJ, y_B: fn(scores_BJ, y_B, loss_cfg)
 
 
 def count_parameters(model) -> int:

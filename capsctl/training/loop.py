@@ -400,13 +400,36 @@ def _test_best(r: _Run, started: float) -> dict:
     r.writers.log({"test/accuracy": m["accuracy"], "test/error": m["error"]}, s.step)
     if r.main:
         _confusion(r, m, s.class_names or numbered(r.cfg.model.num_classes))
+    detector = _store_detector(r)
     final = _final_eval(r)
     r.writers.close()
     return {"run_dir": str(r.paths.root), "steps": s.step, "epochs": s.epoch,
             "best_val_accuracy": s.best_val_accuracy if r.data.val is not None else None,
             "best_step": s.best_step, "test_accuracy": m["accuracy"], "test_error": m["error"],
             "test_n": m["n"], "seconds": time.perf_counter() - started,
-            "best_checkpoint": str(r.paths.best), "final_eval": final}
+            "best_checkpoint": str(r.paths.best), "final_eval": final, "detector": detector}
+
+
+def _store_detector(r: _Run) -> dict | None:
+    """The reconstruction detector's threshold (capsctl/adversarial/detector.py: the 95th
+    percentile of the validation images' reconstruction distances) added to best.pt; None for
+    a model without a decoder, a two-label task or no validation split."""
+    from capsctl.adversarial.detector import DETECTOR_KEY, calibrate
+
+    val = r.data.val
+    if not (r.model.has_decoder and val is not None and tasks.get(val.task).one_label):
+        return None
+    found = None
+    if r.main:
+        t = r.cfg.train
+        found = calibrate(r.model, val, r.cfg.data.name, "val", t.eval_batch_size, r.device,
+                          t.precision).as_dict()
+        checkpoint.add_entry(r.paths.best, DETECTOR_KEY, found)
+        r.console.print(f"detector: reconstruction distance above {found['threshold']:.4g} "
+                        f"is unusual (95th percentile of {found['n']:,} validation images), "
+                        "kept in best.pt", highlight=False)
+    barrier(r.group)
+    return found
 
 
 def _confusion(r: _Run, m: dict, names: list[str]) -> None:

@@ -1,0 +1,13 @@
+"""Adversarial examples and their detection by reconstruction (``capsctl attack``,
+``capsctl calibrate``, predict's "unusual" flag; docs/adversarial.md).
+
+attacks.py   white-box L-inf attacks in pixel space on any one-label model (fgsm, bim, pgd, cw)
+detector.py  the reconstruction distance, its threshold from clean validation images (kept in
+             the checkpoint), the cycle-consistency check, AUROC
+measure.py   attacks over a test set: accuracy under attack, detection, undetected success
+figures.py   the pictures: clean vs adversarial images with reconstructions, robustness
+             curves, ROC curves
+
+Shape legend (all modules): B batch, C channels, H/W image height/width, J classes, N pixels of
+one image (C*H*W).
+"""
