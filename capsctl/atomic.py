@@ -40,11 +40,23 @@ def _os_error(e: BaseException, recorded: _Recorded, path: Path) -> OSError | No
     return OSError(cause.errno, cause.strerror or str(cause), str(path))
 
 
+def _mode_for(path: Path) -> int:
+    """The permissions the new file gets: those of the file it replaces, else what a plain
+    ``open(path, "w")`` would give (0666 less the umask), not mkstemp's 0600."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_atomically(path: Path, obj: Any) -> None:
     """``torch.save(obj)`` to a temporary file beside ``path``, fsync, rename over ``path``:
     a crash leaves the old file or the new one, never a torn one. Any failure leaves no
     temporary file behind; a failed write (a full disk) is an OSError naming ``path``, also
-    when torch reports it as a RuntimeError."""
+    when torch reports it as a RuntimeError. The file keeps the permissions of the one it
+    replaces."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -57,6 +69,7 @@ def write_atomically(path: Path, obj: Any) -> None:
                     raise
                 raise error from None
             f.flush()
+            os.fchmod(f.fileno(), _mode_for(path))
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -34,6 +34,9 @@ _MODEL_KEYS = {
 # format-2 keys that are no longer fields of their family: capsnet's flat routing keys, which
 # the config loader moves into model.routing (``routing.from_flat``)
 _FLAT_KEYS = {"capsnet": list(FLAT_KEYS)}
+# keys a family gained after format 1 whose names format 1's flat bag holds for another family
+# (CapsNet's decoder and reconstruction weight): dropped, so a 0.1 CNN stays without a decoder
+_NEW_SINCE_1 = {"cnn": {"model": {"decoder", "decoder_hidden"}, "loss": {"recon_weight"}}}
 _LOSS_KEYS = {"em-capsnet": {"spread_m_start": "m_start", "spread_m_end": "m_end",
                              "spread_m_steps": "m_steps"}}
 _DATA_KEYS = {"multimnist": {"multimnist_shift": "shift", "multimnist_pad": "pad",
@@ -74,10 +77,12 @@ def config_v1_to_v2(cfg: Any) -> Any:
     # multimnist took its own shift; format 1's data.shift (MNIST's) did not apply to it
     data_drop = {"shift"} if dataset == "multimnist" else set()
     out = dict(cfg)
+    new = _NEW_SINCE_1.get(family, {})
     out["model"] = _section(cfg.get("model"), _MODEL_KEYS.get(family, {}),
-                            field_names(spec.config) + _FLAT_KEYS.get(family, []))
+                            field_names(spec.config) + _FLAT_KEYS.get(family, []),
+                            new.get("model", set()))
     out["loss"] = _section(cfg.get("loss"), _LOSS_KEYS.get(family, {}),
-                           field_names(spec.loss_config))
+                           field_names(spec.loss_config), new.get("loss", set()))
     data = _section(cfg.get("data"), _DATA_KEYS.get(dataset, {}), field_names(dspec.options),
                     data_drop)
     out["data"] = {"name": dataset, **data}

@@ -255,6 +255,9 @@ def export(checkpoint_path, name: str, root: Path | None = None, classifier: str
         "command": command, "note": note, "evaluated_on": describe(device),
         "config": state["config"]}
     packed_model, _, _ = checkpoint.load_model(folder, device)
+    if packed_model.has_decoder:    # the detector of the weights as stored, not the source's
+        card["detector"] = _store_detector(packed_model, cfg, folder, device, data_root)
+        card["storage"]["bytes"] = (folder / MODEL_FILE).stat().st_size
     (folder / SLICE_FILE).unlink(missing_ok=True)   # --force over an older export
     if slice_n:
         src = build_eval(cfg.data.name, "test", cfg, device, data_root)
@@ -265,6 +268,25 @@ def export(checkpoint_path, name: str, root: Path | None = None, classifier: str
                                                cfg.train.precision)
     _write_card(folder, card)
     return card
+
+
+def _store_detector(model, cfg, folder: Path, device, data_root) -> dict | None:
+    """The reconstruction detector's threshold of the stored model from its validation
+    images (capsctl/adversarial/detector.py), added to model.pt; None without a validation
+    split."""
+    from capsctl import checkpoint
+    from capsctl.adversarial.detector import DETECTOR_KEY, calibrate
+    from capsctl.data.build import build_eval
+    from capsctl.errors import DataError
+
+    try:
+        val = build_eval(cfg.data.name, "val", cfg, device, data_root)
+    except DataError:
+        return None
+    found = calibrate(model, val, cfg.data.name, "val", cfg.train.eval_batch_size, device,
+                      cfg.train.precision).as_dict()
+    checkpoint.add_entry(folder / MODEL_FILE, DETECTOR_KEY, found)
+    return found
 
 
 # --- reading cards (torch-free) ------------------------------------------------------------------

@@ -132,7 +132,7 @@ def _kill_points(data, tmp_path, monkeypatch) -> list[tuple[int, bool]]:
     """Before the first write (no checkpoint yet), then after every write or evaluation from
     the first validation on: phase by phase (validation, its row, best.pt, last.pt, the
     second epoch's rows, last.pt before the last validation, validation, last.pt, test, its
-    row, the confusion rows, final_eval, its row). Earlier kills: tests/test_faults.py."""
+    row, the confusion rows, the detector's threshold in best.pt, final_eval, its row). Earlier kills: tests/test_faults.py."""
     calls = kill_at(monkeypatch, 10 ** 9, True)
     run(edge_config(), prepare_run_dir(tmp_path, "count", False), data)
     monkeypatch.undo()
@@ -145,7 +145,7 @@ def test_a_kill_at_every_phase_boundary_resumes_to_the_same_run(tmp_path, data, 
                                                                 monkeypatch):
     base, base_summary = baseline
     points = _kill_points(data, tmp_path, monkeypatch)
-    assert len(points) == 18
+    assert len(points) == 19
     for n, after in points:
         folder = prepare_run_dir(tmp_path, f"kill-{n}-{after}", False)
         kill_at(monkeypatch, n, after)

@@ -192,7 +192,9 @@ def as_loaded(family: str, model: dict) -> dict:
 
 # keys a family gained after format 1, with the default that does what 0.1 did: a migrated
 # checkpoint takes these (a key added to a format-1 family must be listed here)
-ADDED_SINCE_FORMAT_1 = {"capsnet": {"routing": "dynamic", "leaky_routing": False}}
+ADDED_SINCE_FORMAT_1 = {"capsnet": {"routing": "dynamic", "leaky_routing": False},
+                        "cnn": {"decoder": False, "decoder_hidden": [512, 1024]}}
+LOSS_ADDED_SINCE_FORMAT_1 = {"cnn": {"recon_weight": 0.0005}}   # unused without a decoder
 
 # (family, dataset, (input_size, in_channels, num_classes)) -> the format-2 sections
 CASES = {
@@ -260,7 +262,7 @@ def test_every_renamed_key_lands_where_it_belongs(case, reverse):
     added = ADDED_SINCE_FORMAT_1.get(family, {})
     assert to_dict(cfg)["model"] == as_loaded(family, {**model, **added})
     assert set(model) | set(added) == set(format_2_keys(family))
-    assert to_dict(cfg)["loss"] == want["loss"]
+    assert to_dict(cfg)["loss"] == {**want["loss"], **LOSS_ADDED_SINCE_FORMAT_1.get(family, {})}
     assert to_dict(cfg)["data"] == {"name": dataset, **want["data"]}
     assert to_dict(cfg)["optim"] == V1["optim"] and to_dict(cfg)["train"] == V1["train"]
     assert from_dict(to_dict(cfg)) == cfg                 # and it round-trips
@@ -377,3 +379,12 @@ def test_a_run_folder_of_format_2_holds_the_same_config():
     assert len(differ) == 1 and differ[0].startswith("model.routing (")
     for other in ({"name": "cnn", "class_bias": 1}, {"routing": "nope"}, [1]):
         assert nest_routing(other) == other                 # left to the loader's message
+
+
+def test_a_format_1_cnn_stays_without_a_decoder():
+    """Format 1's flat bag held CapsNet's decoder: true for every family; the CNN gained a
+    decoder of its own later, and a 0.1 CNN must not be read as having one."""
+    old = v1_config("cnn", "mnist", (28, 1, 10))
+    old["model"].update(decoder=True, decoder_hidden=[64, 128])
+    cfg = from_dict(config_v1_to_v2(old), source="migrated")
+    assert cfg.model.decoder is False and cfg.model.decoder_hidden == [512, 1024]

@@ -10,4 +10,12 @@ figures.py   the pictures: clean vs adversarial images with reconstructions, rob
 
 Shape legend (all modules): B batch, C channels, H/W image height/width, J classes, N pixels of
 one image (C*H*W).
+
+Torch-free: the names below are what the command line offers (capsctl/cli/attack.py).
 """
+
+METHODS = {"fgsm": "fast gradient sign, one step (Goodfellow et al. 2015)",
+           "bim": "basic iterative method, from the image (Kurakin et al. 2017)",
+           "pgd": "projected gradient descent, random start (Madry et al. 2018)",
+           "cw": "Carlini-Wagner margin, projected steps under L-inf (Madry et al. 2018)"}
+DEFAULT_QUANTILE = 0.95       # the detector's threshold: 5% of clean validation images above

@@ -26,12 +26,9 @@ from typing import Callable
 
 import torch
 
+from capsctl.adversarial import METHODS  # noqa: F401 - the methods' names, re-exported
 from capsctl.device import autocast
 
-METHODS = {"fgsm": "fast gradient sign, one step (Goodfellow et al. 2015)",
-           "bim": "basic iterative method, from the image (Kurakin et al. 2017)",
-           "pgd": "projected gradient descent, random start (Madry et al. 2018)",
-           "cw": "Carlini-Wagner margin, projected steps under L-inf (Madry et al. 2018)"}
 ITERATIVE = ("bim", "pgd", "cw")
 STEP_FACTOR = 2.5   # default step size = STEP_FACTOR * eps / steps (Madry et al.)
 

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from capsctl.adversarial import DEFAULT_QUANTILE
 from capsctl.device import autocast
 from capsctl.errors import CapsctlError
 
 DETECTOR_KEY = "detector"     # the checkpoint's key
-DEFAULT_QUANTILE = 0.95       # 5% of clean validation images above the threshold
 
 
 @dataclass(frozen=True)

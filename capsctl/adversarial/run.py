@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from capsctl.adversarial.attacks import METHODS, Attack
-from capsctl.adversarial.detector import DEFAULT_QUANTILE, DETECTOR_KEY, Detector, calibrate
+from capsctl.adversarial import DEFAULT_QUANTILE, METHODS
+from capsctl.adversarial.attacks import Attack
+from capsctl.adversarial.detector import DETECTOR_KEY, Detector, calibrate
 from capsctl.errors import CapsctlError
 
 MAX_STEPS = 10_000
@@ -142,11 +143,13 @@ def attack_checkpoints(paths: list, methods: list[str], eps: list[float], steps:
 
 
 def _run_name(path) -> str:
-    """A checkpoint's short name: its run folder's (runs/x/checkpoints/best.pt -> x)."""
+    """A checkpoint's short name: its run folder's (runs/x/checkpoints/best.pt -> x), a
+    pretrained model folder's, or a loose file's stem."""
+    from capsctl.runfolder import RunFolder
+
     p = Path(str(path))
-    if p.is_dir():
-        return p.name
-    return p.parent.parent.name if p.parent.name == "checkpoints" else p.stem
+    folder = RunFolder.of_checkpoint(p).root
+    return folder.name if p.is_dir() or folder != p.parent else p.stem
 
 
 def calibrate_checkpoint(path, quantile: float = DEFAULT_QUANTILE, split: str = "val",

@@ -11,11 +11,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from capsctl.adversarial import DEFAULT_QUANTILE, METHODS
 from capsctl.cli.options import DataRootOpt, DeviceOpt, cli_errors, data_root_text, err, \
     json_line, out, print_table
 from capsctl.errors import CapsctlError
 
-METHOD_NAMES = ("fgsm", "bim", "pgd", "cw")   # capsctl.adversarial.attacks.METHODS (tested)
 
 
 def _split(text: str, what: str, kind=str) -> list:
@@ -71,7 +71,7 @@ def attack(
     checkpoints: Annotated[list[Path], typer.Argument(
         help="One or more checkpoints (.pt), run folders or pretrained model folders.")],
     method: Annotated[str, typer.Option(
-        "--method", help="Attacks, comma-separated: fgsm, bim, pgd, cw (L-inf; "
+        "--method", help=f"Attacks, comma-separated: {', '.join(METHODS)} (L-inf; "
                          "docs/adversarial.md). Default: fgsm,pgd.")] = "fgsm,pgd",
     eps: Annotated[str, typer.Option(
         "--eps", help="L-inf budgets, comma-separated, in pixel units [0, 1]; values above 1 "
@@ -151,7 +151,7 @@ def calibrate(
     quantile: Annotated[float, typer.Option(
         "--quantile", help="The threshold is this quantile of the clean images' "
                            "reconstruction distances. Default: 0.95 (5% false "
-                           "positives).")] = 0.95,
+                           "positives).")] = DEFAULT_QUANTILE,
     split: Annotated[str, typer.Option(
         "--split", help="Clean images from: val (or test). Default: val.")] = "val",
     limit: Annotated[int, typer.Option(
