@@ -273,15 +273,17 @@ def export(checkpoint_path, name: str, root: Path | None = None, classifier: str
 def _store_detector(model, cfg, folder: Path, device, data_root) -> dict | None:
     """The reconstruction detector's threshold of the stored model from its validation
     images (capsctl/adversarial/detector.py), added to model.pt; None without a validation
-    split."""
+    split of at least MIN_IMAGES images."""
     from capsctl import checkpoint
-    from capsctl.adversarial.detector import DETECTOR_KEY, calibrate
+    from capsctl.adversarial.detector import DETECTOR_KEY, MIN_IMAGES, calibrate
     from capsctl.data.build import build_eval
     from capsctl.errors import DataError
 
     try:
         val = build_eval(cfg.data.name, "val", cfg, device, data_root)
     except DataError:
+        return None
+    if len(val) < MIN_IMAGES:
         return None
     found = calibrate(model, val, cfg.data.name, "val", cfg.train.eval_batch_size, device,
                       cfg.train.precision).as_dict()

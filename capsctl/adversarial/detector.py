@@ -28,6 +28,7 @@ from capsctl.device import autocast
 from capsctl.errors import CapsctlError
 
 DETECTOR_KEY = "detector"     # the checkpoint's key
+MIN_IMAGES = 20               # fewer clean images set no threshold
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,9 @@ def calibrate(model, source, dataset: str, split: str, batch_size: int, device,
                            "(0.95: 5% of clean images flagged)")
     require_reconstruction(model, "the reconstruction detector")
     d_n = distances(model, source, batch_size, device, precision, limit)
-    if len(d_n) < 20:
+    if len(d_n) < MIN_IMAGES:
         raise CapsctlError(f"the {split} split of {dataset} has {len(d_n)} images; the "
-                           "detector's threshold needs at least 20 clean images")
+                           f"detector's threshold needs at least {MIN_IMAGES} clean images")
     threshold = float(torch.quantile(d_n.double(), quantile))
     return Detector(threshold, quantile, len(d_n), dataset, split, precision)
 

@@ -413,11 +413,12 @@ def _test_best(r: _Run, started: float) -> dict:
 def _store_detector(r: _Run) -> dict | None:
     """The reconstruction detector's threshold (capsctl/adversarial/detector.py: the 95th
     percentile of the validation images' reconstruction distances) added to best.pt; None for
-    a model without a decoder, a two-label task or no validation split."""
-    from capsctl.adversarial.detector import DETECTOR_KEY, calibrate
+    a model without a decoder, a two-label task, or fewer than MIN_IMAGES validation images."""
+    from capsctl.adversarial.detector import DETECTOR_KEY, MIN_IMAGES, calibrate
 
     val = r.data.val
-    if not (r.model.has_decoder and val is not None and tasks.get(val.task).one_label):
+    if not (r.model.has_decoder and val is not None and tasks.get(val.task).one_label
+            and len(val) >= MIN_IMAGES):
         return None
     found = None
     if r.main:
