@@ -304,3 +304,20 @@ def test_attack_and_calibrate_errors_are_one_line(trained, tmp_path):
     checkpoint.save(plain, {"model": build_model(cfg.model).state_dict(),
                             "config": to_dict(cfg), "step": 0})
     one_line_error(cli("calibrate", plain, "--data-root", root), "decoder")
+
+
+def test_a_model_without_a_decoder_is_attacked_without_a_detector(trained, tmp_path):
+    _, root, _ = trained
+    cfg = tiny_config(model={**TINY_CNN, "decoder": False})
+    plain = tmp_path / "plain.pt"
+    from capsctl.config import to_dict
+    checkpoint.save(plain, {"model": build_model(cfg.model).state_dict(),
+                            "config": to_dict(cfg), "step": 0})
+    r = cli("attack", plain, "--data-root", root, "--method", "bim", "--eps", "0.1",
+            "--steps", "2", "--limit", "16", "--json")
+    assert r.exit_code == 0, r.output
+    (run,) = json.loads(r.stdout)["runs"]
+    assert run["detector"] is None and run["detector_source"] == "no decoder"
+    (row,) = run["attacks"]
+    assert row["label"] == "bim-2" and "detection_rate" not in row
+    assert row["max_linf"] <= 0.1 + 1e-6
