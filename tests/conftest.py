@@ -123,3 +123,22 @@ def fake_mnist(tmp_path) -> Path:
 # The compiled CPU kernel goes into a folder of this test session, never the user's cache.
 os.environ.setdefault("CAPSCTL_CACHE", str(Path(__import__("tempfile").mkdtemp(
     prefix="capsctl-test-cache-"))))
+
+
+def cli(*args):
+    """``capsctl ARGS...`` run in this process (typer's CliRunner): its Result."""
+    from typer.testing import CliRunner
+
+    from capsctl.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(r, needle: str) -> str:
+    """Assert that a CliRunner result is exit code 2 with one line holding ``needle`` (no
+    traceback); returns the line."""
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.output
+    assert "Traceback" not in r.output
+    return lines[0]

@@ -15,32 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from typer.testing import CliRunner
 
 from capsctl import checkpoint
 from capsctl.adversarial.attacks import METHODS, Attack, cw_margin, frozen, perturb, \
     random_targets
 from capsctl.adversarial.detector import DETECTOR_KEY, Detector, auroc, calibrate, l2_distance
-from capsctl.cli import app
 from capsctl.models import build_model
 from capsctl.models.registry import MODELS, class_loss_fn
-from conftest import tiny_config, write_fake_mnist
+from conftest import tiny_config, write_fake_mnist, cli, one_line_error
 
 CPU = torch.device("cpu")
-runner = CliRunner()
 TINY_CNN = {"name": "cnn", "channels": [4, 4], "hidden": [16, 12], "decoder": True,
             "decoder_hidden": [16, 32]}
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(r, needle: str) -> None:
-    assert r.exit_code == 2, r.output
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], r.output
-    assert "Traceback" not in r.output
 
 
 def model_and_loss(model_section: dict, seed: int = 0):

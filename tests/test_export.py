@@ -16,16 +16,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from capsctl import export as export_mod
-from capsctl.cli import app
 from capsctl.config import to_dict
 from capsctl.data import mnist
 from capsctl.models import build_model
-from conftest import REPO, tiny_config, write_fake_mnist
+from conftest import REPO, tiny_config, write_fake_mnist, cli, one_line_error
 
-runner = CliRunner()
 SMALL_DECODER = {"decoder_hidden": [8, 16]}
 FAMILIES = {
     "dynamic": {},
@@ -39,18 +36,6 @@ FAMILIES = {
                    "caps1_types": 2, "caps2_types": 2, "iterations": 2, **SMALL_DECODER},
     "cnn": {"name": "cnn", "channels": [4, 4], "hidden": [8]},
 }
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(r, needle: str) -> str:
-    assert r.exit_code == 2, r.output
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], r.output
-    assert "Traceback" not in r.output
-    return lines[0]
 
 
 def save_checkpoint(path: Path, model_keys: dict, seed: int = 0) -> Path:

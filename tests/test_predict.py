@@ -29,22 +29,10 @@ from capsctl.data.smallnorb import NorbEvalSource
 from capsctl.errors import CheckpointError, DataError
 from capsctl.models import build_model
 from capsctl.predict import list_inputs, model_input, predict, read_input, preprocessing_of
-from conftest import REPO, tiny_config, write_fake_mnist
+from conftest import REPO, tiny_config, write_fake_mnist, cli, one_line_error
 
 CPU = torch.device("cpu")
 runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(r, needle: str) -> str:
-    assert r.exit_code == 2, r.output
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], r.output
-    assert "Traceback" not in r.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
