@@ -274,8 +274,7 @@ def _store_detector(model, cfg, folder: Path, device, data_root) -> dict | None:
     """The reconstruction detector's threshold of the stored model from its validation
     images (capsctl/adversarial/detector.py), added to model.pt; None without a validation
     split of at least MIN_IMAGES images."""
-    from capsctl import checkpoint
-    from capsctl.adversarial.detector import DETECTOR_KEY, MIN_IMAGES, calibrate
+    from capsctl.adversarial.detector import calibrate_into
     from capsctl.data.build import build_eval
     from capsctl.errors import DataError
 
@@ -283,12 +282,8 @@ def _store_detector(model, cfg, folder: Path, device, data_root) -> dict | None:
         val = build_eval(cfg.data.name, "val", cfg, device, data_root)
     except DataError:
         return None
-    if len(val) < MIN_IMAGES:
-        return None
-    found = calibrate(model, val, cfg.data.name, "val", cfg.train.eval_batch_size, device,
-                      cfg.train.precision).as_dict()
-    checkpoint.add_entry(folder / MODEL_FILE, DETECTOR_KEY, found)
-    return found
+    return calibrate_into(folder / MODEL_FILE, model, val, cfg.data.name,
+                          cfg.train.eval_batch_size, device, cfg.train.precision)
 
 
 # --- reading cards (torch-free) ------------------------------------------------------------------

@@ -120,6 +120,21 @@ def calibrate(model, source, dataset: str, split: str, batch_size: int, device,
     return Detector(threshold, quantile, len(d_n), dataset, split, precision)
 
 
+def calibrate_into(path, model, val, dataset: str, batch_size: int, device,
+                   precision: str) -> dict | None:
+    """``calibrate`` on the validation source ``val`` and keep the detector in the checkpoint
+    at ``path`` (``checkpoint.add_entry``): what the trainer does to best.pt and `pretrained
+    export` to model.pt. None, and nothing written, when ``val`` has fewer than MIN_IMAGES
+    images."""
+    from capsctl import checkpoint
+
+    if len(val) < MIN_IMAGES:
+        return None
+    found = calibrate(model, val, dataset, "val", batch_size, device, precision).as_dict()
+    checkpoint.add_entry(path, DETECTOR_KEY, found)
+    return found
+
+
 def auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float | None:
     """Area under the ROC curve of a score that should be higher for ``positives``: the chance
     that a random positive scores above a random negative, ties counting one half

@@ -127,23 +127,17 @@ def examples_png(collected, attacks: list, names: list[str], path: Path,
     adversarial image and its reconstruction; each captioned with the predicted class (red:
     wrong). A model without a decoder shows the images only."""
     ex = collected.examples
-    x_KCHW = torch.cat(ex["x"])
-    y_K, pred_K = torch.cat(ex["y"]), torch.cat(ex["pred"])
-    recon = torch.cat(ex["recon"]) if ex["recon"] else None
+    y_K, views = ex["y"], [ex["clean"], *ex["adv"]]
     heads = ["clean", "its recon"] + [h for a in attacks for h in
                                       (f"{a.label} {a.eps:g}", "its recon")]
     rows = []
     for k in range(len(y_K)):
-        true = int(y_K[k])
-        cells = [_cell(x_KCHW[k], scale, names[int(pred_K[k])], int(pred_K[k]) != true),
-                 _cell(recon[k] if recon is not None else None, scale, "", False)]
-        for kept in ex["adv"]:
-            x_adv = torch.cat([t["x"] for t in kept])
-            p_adv = torch.cat([t["pred"] for t in kept])
-            r_adv = torch.cat([t["recon"] for t in kept]) if kept[0]["recon"] is not None \
-                else None
-            cells += [_cell(x_adv[k], scale, names[int(p_adv[k])], int(p_adv[k]) != true),
-                      _cell(r_adv[k] if r_adv is not None else None, scale, "", False)]
+        true, cells = int(y_K[k]), []
+        for v in views:
+            pred = int(v["pred"][k])
+            cells += [_cell(v["x"][k], scale, names[pred], pred != true),
+                      _cell(v["recon"][k] if v["recon"] is not None else None, scale, "",
+                            False)]
         rows.append(cells)
     w, h = rows[0][0].width, rows[0][0].height
     page = canvas(len(heads) * (w + 4) + 8, len(rows) * (h + 4) + 30)

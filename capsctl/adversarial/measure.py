@@ -38,22 +38,28 @@ def _rate(mask: torch.Tensor, of: torch.Tensor) -> float | None:
 
 
 class _Collected:
-    """What the batches leave behind, on the CPU: labels, clean and per-attack predictions,
-    distances, cycle flags, targets, the largest change; the first ``keep`` images for the
-    picture."""
+    """What the batches leave behind: labels, clean and per-attack predictions, distances,
+    cycle flags, targets, the largest change (on the device while collecting, on the CPU after
+    ``cat``: one copy at the end, no host sync per batch); and ``examples``, the first
+    batch's first ``keep`` images for the picture: {"y", "clean", "adv": one per attack},
+    each view {"x", "pred", "recon" or None}."""
 
     def __init__(self, n_attacks: int, keep: int):
         self.keep = keep
         self.parts: dict[str, list] = {"y": [], "pred": [], "dist": [], "cycle": []}
         self.adv: list[dict[str, list]] = [{"pred": [], "dist": [], "cycle": [], "target": [],
                                             "linf": []} for _ in range(n_attacks)]
-        self.examples: dict = {"x": [], "recon": [], "pred": [], "y": [],
-                               "adv": [[] for _ in range(n_attacks)]}
+        self.examples: dict | None = None
+
+    def view(self, r: dict, x_BCHW: torch.Tensor) -> dict:
+        """The first ``keep`` images of a batch as the model saw them, on the CPU."""
+        x = x_BCHW[:self.keep]
+        return {"x": x.float().cpu(), "pred": r["pred"][:self.keep].cpu(),
+                "recon": r["recon"][:self.keep].view_as(x).cpu() if "recon" in r else None}
 
     def cat(self) -> None:
         def join(d):
-            return {k: torch.cat(v) if v and isinstance(v[0], torch.Tensor) else None
-                    for k, v in d.items()}
+            return {k: torch.cat(v).cpu() if v else None for k, v in d.items()}
         self.parts = join(self.parts)
         self.adv = [join(a) for a in self.adv]
 
@@ -64,19 +70,6 @@ def _clean(model, x_BCHW, precision: str, decoder: bool) -> dict:
     with torch.no_grad(), autocast(x_BCHW.device, precision):
         scores_BJ = model(x_BCHW)["scores"].float()
     return {"scores": scores_BJ, "pred": scores_BJ.argmax(1)}
-
-
-def _keep(c: _Collected, where: dict, r: dict, x_BCHW, y_B=None) -> None:
-    """The first images of the run for the picture (while fewer than ``keep`` are kept)."""
-    room = c.keep - sum(len(t) for t in where["x"])
-    if room <= 0:
-        return
-    where["x"].append(x_BCHW[:room].float().cpu())
-    where["pred"].append(r["pred"][:room].cpu())
-    if "recon" in r:
-        where["recon"].append(r["recon"][:room].view_as(x_BCHW[:room]).cpu())
-    if y_B is not None:
-        where["y"].append(y_B[:room].cpu())
 
 
 def collect(model, class_loss, source, attacks: list[Attack], batch_size: int, device,
@@ -91,40 +84,35 @@ def collect(model, class_loss, source, attacks: list[Attack], batch_size: int, d
         for batch in source.batches(batch_size, limit):
             x_BCHW, y_B = batch["x"].float(), batch["y"]
             clean = _clean(model, x_BCHW, precision, decoder)
-            c.parts["y"].append(y_B.cpu())
-            c.parts["pred"].append(clean["pred"].cpu())
+            c.parts["y"].append(y_B)
+            c.parts["pred"].append(clean["pred"])
             if decoder:
-                c.parts["dist"].append(clean["distance"].cpu())
-                c.parts["cycle"].append(clean["cycle"].cpu())
-            _keep(c, c.examples, clean, x_BCHW, y_B)
+                c.parts["dist"].append(clean["distance"])
+                c.parts["cycle"].append(clean["cycle"])
+            views = []
             for a, attack in enumerate(attacks):
                 target_B = random_targets(y_B, clean["scores"].shape[1], g) \
                     if attack.targeted else None
                 x_adv = perturb(model, class_loss, x_BCHW, y_B, attack, precision, target_B, g)
                 r = _clean(model, x_adv, precision, decoder)
                 got = c.adv[a]
-                got["pred"].append(r["pred"].cpu())
-                got["linf"].append((x_adv - x_BCHW).abs().flatten(1).amax(1).cpu())
+                got["pred"].append(r["pred"])
+                got["linf"].append((x_adv - x_BCHW).abs().flatten(1).amax(1))
                 if target_B is not None:
-                    got["target"].append(target_B.cpu())
+                    got["target"].append(target_B)
                 if decoder:
-                    got["dist"].append(r["distance"].cpu())
-                    got["cycle"].append(r["cycle"].cpu())
-                _keep_adv(c, a, r, x_adv)
+                    got["dist"].append(r["distance"])
+                    got["cycle"].append(r["cycle"])
+                if c.examples is None:
+                    views.append(c.view(r, x_adv))
+            if c.examples is None:
+                c.examples = {"y": y_B[:keep].cpu(), "clean": c.view(clean, x_BCHW),
+                              "adv": views}
             n += len(y_B)
             if progress is not None:
                 progress(n)
     c.cat()
     return c
-
-
-def _keep_adv(c: _Collected, a: int, r: dict, x_adv) -> None:
-    kept = c.examples["adv"][a]
-    room = c.keep - sum(len(t["x"]) for t in kept)
-    if room > 0:
-        kept.append({"x": x_adv[:room].float().cpu(), "pred": r["pred"][:room].cpu(),
-                     "recon": r["recon"][:room].view_as(x_adv[:room]).cpu()
-                     if "recon" in r else None})
 
 
 def summarise(c: _Collected, attacks: list[Attack], detector: Detector | None,

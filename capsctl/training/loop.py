@@ -414,18 +414,17 @@ def _store_detector(r: _Run) -> dict | None:
     """The reconstruction detector's threshold (capsctl/adversarial/detector.py: the 95th
     percentile of the validation images' reconstruction distances) added to best.pt; None for
     a model without a decoder, a two-label task, or fewer than MIN_IMAGES validation images."""
-    from capsctl.adversarial.detector import DETECTOR_KEY, MIN_IMAGES, calibrate
+    from capsctl.adversarial.detector import calibrate_into
 
     val = r.data.val
-    if not (r.model.has_decoder and val is not None and tasks.get(val.task).one_label
-            and len(val) >= MIN_IMAGES):
+    if not (r.model.has_decoder and val is not None and tasks.get(val.task).one_label):
         return None
     found = None
     if r.main:
         t = r.cfg.train
-        found = calibrate(r.model, val, r.cfg.data.name, "val", t.eval_batch_size, r.device,
-                          t.precision).as_dict()
-        checkpoint.add_entry(r.paths.best, DETECTOR_KEY, found)
+        found = calibrate_into(r.paths.best, r.model, val, r.cfg.data.name, t.eval_batch_size,
+                               r.device, t.precision)
+    if found is not None:
         r.console.print(f"detector: reconstruction distance above {found['threshold']:.4g} "
                         f"is unusual (95th percentile of {found['n']:,} validation images), "
                         "kept in best.pt", highlight=False)
