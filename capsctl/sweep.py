@@ -56,16 +56,18 @@ def _split_values(text: str) -> list[str]:
 
 
 def parse_vary(texts: list[str]) -> list[tuple[str, list[str]]]:
-    """``--vary section.key=v1,v2`` options as (key, [value text, ...]); each value is YAML,
-    parsed with the config like ``--set``."""
+    """``--vary section.key=v1,v2`` options as (key, [value text, ...]); keys and values as
+    ``--set`` takes them (``model.routing.iterations=1,3`` too), each value YAML."""
     axes: list[tuple[str, list[str]]] = []
     for text in texts:
         if "=" not in text:
             raise CapsctlError(f"--vary expects section.key=value1,value2,...; got {text!r}")
         key, raw = (s.strip() for s in text.split("=", 1))
-        if len(key.split(".")) != 2 or key.split(".")[0] not in config_mod.SECTIONS:
-            raise CapsctlError(f"--vary {key}: keys look like section.key with section one of "
-                               f"{', '.join(config_mod.SECTIONS)}")
+        parts = key.split(".")
+        if len(parts) not in (2, 3) or parts[0] not in config_mod.SECTIONS or "" in parts:
+            raise CapsctlError(f"--vary {key}: keys look like --set's, section.key or "
+                               "section.group.key (model.routing.iterations), with section "
+                               f"one of {', '.join(config_mod.SECTIONS)}")
         if key in (k for k, _ in axes):
             raise CapsctlError(f"--vary {key} is given twice; list all its values in one: "
                                f"--vary {key}=v1,v2")

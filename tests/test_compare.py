@@ -130,8 +130,23 @@ def test_vary_values_and_point_names():
         "model.recon=1,loss.recon=3"
 
 
+def test_vary_takes_nested_keys_like_set(tmp_path):
+    """The ablation of Table 1 as one sweep: a key of model.routing varies like --set sets it."""
+    axes = sweep.parse_vary(["model.routing.iterations=1,3", "loss.recon_weight=0,0.0005"])
+    points = sweep.grid(None, axes, ["model.name=capsnet", "data.name=mnist"])
+    assert [p.name for p in points] == [
+        "iterations=1,recon_weight=0", "iterations=1,recon_weight=0.0005",
+        "iterations=3,recon_weight=0", "iterations=3,recon_weight=0.0005"]
+    assert [(p.cfg.model.routing.iterations, p.cfg.loss.recon_weight) for p in points] == \
+        [(1, 0.0), (1, 0.0005), (3, 0.0), (3, 0.0005)]
+    with pytest.raises(CapsctlError, match="routing.bogus"):
+        sweep.grid(None, sweep.parse_vary(["model.routing.bogus=1,2"]),
+                   ["model.name=capsnet", "data.name=mnist"])
+
+
 @pytest.mark.parametrize("bad", ["model.routing", "routing=dynamic", "model.routing=a,,b",
-                                 "model.routing=a,a", "nosection.x=1"])
+                                 "model.routing=a,a", "nosection.x=1", "model.a.b.c=1",
+                                 "model..iterations=1"])
 def test_bad_vary_is_one_line(bad):
     with pytest.raises(CapsctlError) as e:
         sweep.parse_vary([bad])
