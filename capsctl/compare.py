@@ -119,7 +119,7 @@ def read_run(folder: Path, count_parameters: bool = True) -> RunRow:
 
 def _fill(row: RunRow, folder: Path, count_parameters: bool) -> None:
     run = RunFolder(folder)
-    config = _read_config(run.config)
+    config = read_config(run.config)
     model, data, train = (_section(config, s) for s in ("model", "data", "train"))
     for section, key, value in (("model", "name", model.get("name")),
                                 ("model", "routing", _routing_name(model)),
@@ -142,7 +142,7 @@ def _fill(row: RunRow, folder: Path, count_parameters: bool) -> None:
     row.wall_s = _wall(rows, batch if isinstance(batch, int) and batch > 0 else None)
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     """config.yaml as a mapping ({} when absent); Unreadable when it is not a mapping."""
     if not path.is_file():
         return {}
@@ -280,7 +280,7 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.2%}"
 
 
-def _duration(s: float | None) -> str:
+def duration(s: float | None) -> str:
     if s is None or not 0 <= s < MAX_TIME:   # NaN and infinities too
         return "-"
     m, sec = divmod(int(round(s)), 60)
@@ -312,7 +312,7 @@ def compare_table(rows: list[RunRow], title: str = "capsctl compare"):
                  _pct(r.best_val_accuracy), *(_pct(r.test.get(d)) for d in names),
                  ("-" if r.steps is None else f"{r.steps:,}")
                  + ("" if r.finished or r.unreadable else " (unfinished)"),
-                 _duration(r.wall_s)]
+                 duration(r.wall_s)]
         if notes:
             cells.append(escape(f"unreadable: {r.unreadable}") if r.unreadable else "")
         table.add_row(*cells)

@@ -1,4 +1,4 @@
-"""``capsctl compare`` (the table of several run folders, --json, --png) and ``capsctl sweep``
+"""``capsctl compare`` (the table of several run folders, --json, --png, --seeds) and ``capsctl sweep``
 (the grid, the folder names, skipping finished points and resuming an interrupted one)."""
 
 from __future__ import annotations
@@ -103,6 +103,56 @@ def test_a_table_into_a_pipe_is_not_cut_to_80_columns(tmp_path):
     assert r.exit_code == 0, r.output
     assert "…" not in r.stdout and max(map(len, r.stdout.splitlines())) > 80
     assert "routing=inverted-dot-product" in r.stdout and "test affnist-synth" in r.stdout
+
+
+def _ablation_run(folder: Path, iterations: int, seed: int, test: float | None,
+                  root: str = "/data") -> Path:
+    cfg = tiny_config(model={"routing": {"name": "dynamic", "iterations": iterations}},
+                      data={"root": root}, train={"seed": seed})
+    rows = ROWS[:5] + ([{"step": 30, "time": 125.0, "test/accuracy": test}] if test else [])
+    return fake_run(folder, cfg, rows)
+
+
+def test_seeds_groups_runs_of_one_config_with_mean_and_range(tmp_path):
+    runs = [_ablation_run(tmp_path / "r3-s0", 3, 0, 0.990),
+            _ablation_run(tmp_path / "r1-s0", 1, 0, 0.994),
+            _ablation_run(tmp_path / "r3-s1", 3, 1, 0.980, root="/elsewhere"),  # same data
+            _ablation_run(tmp_path / "r3-s2", 3, 2, None)]                       # unfinished
+    from capsctl import seeds
+    groups = [g.summary() for g in seeds.group_by_seed(runs)]
+    assert [g["label"] for g in groups] == ["iterations=3", "iterations=1"]
+    three, one = groups
+    assert three["seeds"] == [0, 1, 2] and three["finished"] == 2
+    assert three["test_errors"] == pytest.approx([0.010, 0.020])
+    assert three["test_error_mean"] == pytest.approx(0.015)
+    assert (three["test_error_min"], three["test_error_max"]) == pytest.approx((0.010, 0.020))
+    assert three["best_val_accuracy_mean"] == pytest.approx(0.95)
+    assert one["test_error_mean"] == pytest.approx(0.006) and one["runs"] == [str(runs[1])]
+    r = CliRunner().invoke(make_app(), ["compare", *map(str, runs), "--seeds"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "1.50%" in r.stdout and "1.00% - 2.00%" in r.stdout and "1 unfinished" in r.stdout
+    r = CliRunner().invoke(make_app(), ["compare", *map(str, runs[:3]), "--seeds", "--json"])
+    assert [g["label"] for g in json.loads(r.stdout)["groups"]] == ["iterations=3",
+                                                                   "iterations=1"]
+    code = ("import sys; from typer.testing import CliRunner; from capsctl.cli import app; "
+            f"r = CliRunner().invoke(app, ['compare', {str(runs[0])!r}, '--seeds']); "
+            "print(r.exit_code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.stdout.split() == ["0", "False"], out.stderr  # a text command: torch not loaded
+    r = CliRunner().invoke(make_app(), ["compare", str(runs[0]), "--seeds", "--png",
+                                        str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+
+
+def test_seeds_labels_fall_back_to_run_names(tmp_path):
+    """Other families share few keys: each group is named by its first run."""
+    from capsctl import seeds
+    caps = _ablation_run(tmp_path / "caps", 3, 0, 0.99)
+    cnn = fake_run(tmp_path / "cnn", tiny_config(model={"name": "cnn", "channels": [4],
+                                                        "hidden": [8]}), ROWS)
+    assert [g.label for g in seeds.group_by_seed([caps, cnn])] == ["caps", "cnn"]
+    assert [g.label for g in seeds.group_by_seed([caps])] == ["caps"]
 
 
 def test_compare_refuses_what_is_not_a_run_folder(tmp_path):
