@@ -153,6 +153,12 @@ def test_seeds_labels_fall_back_to_run_names(tmp_path):
                                                         "hidden": [8]}), ROWS)
     assert [g.label for g in seeds.group_by_seed([caps, cnn])] == ["caps", "cnn"]
     assert [g.label for g in seeds.group_by_seed([caps])] == ["caps"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.yaml").write_text("- a list, not sections\n")
+    with pytest.raises(CapsctlError, match="bad cannot be read") as e:  # no group without a config
+        seeds.group_by_seed([caps, bad])
+    assert "\n" not in str(e.value)
 
 
 def test_compare_refuses_what_is_not_a_run_folder(tmp_path):
