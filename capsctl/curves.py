@@ -7,6 +7,10 @@ What metrics.jsonl holds (capsctl.training): a training row every ``train.log_ev
 (``step``, ``epoch`` - the 0-based epoch the step belongs to -, ``train/loss_total``, ...), a
 ``val/accuracy`` / ``val/error`` row at each epoch's end (at the step that ends it) and at the
 run's last step, and ``test/accuracy`` / ``test/error`` once the run tested its best model.
+The training loss drawn is ``train/loss_total`` unless another term is asked for
+(``train/loss_margin``, ``train/loss_reconstruction``, ``train/loss_cross_entropy``, ...: the
+terms the run's loss logs); the total of a run with a reconstruction term is not comparable to
+one without, its margin term is.
 
 Epochs on the x axis: a row at step ``s`` lies at ``s / steps_per_epoch``. The steps of an epoch
 are not in the folder; they are the step of the first validation row (an epoch's end), checked
@@ -28,6 +32,7 @@ from capsctl.runfolder import RunFolder, finished
 from capsctl.errors import CapsctlError
 
 LOSS_KEY = "train/loss_total"
+LOSS_PREFIX = "train/loss_"
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Curve:
     best_val_epoch: float | None = None
     test_error: float | None = None
     finished: bool = False
+    loss: str = "total"
 
 
 def _number(v: Any) -> bool:
@@ -82,22 +88,35 @@ def steps_per_epoch(rows: list[dict]) -> float | None:
     return low if high is not None else None
 
 
-def read_curve(folder: Path) -> Curve:
-    """One run's curves from ``folder``/metrics.jsonl (a one-line CapsctlError when it is not
-    a run folder or has nothing to draw yet)."""
-    folder = Path(folder)
+def loss_terms(rows: list[dict]) -> list[str]:
+    """The loss terms the rows log (``train/loss_NAME`` -> NAME), in the order first seen."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        seen.update({k[len(LOSS_PREFIX):]: None for k in r if k.startswith(LOSS_PREFIX)})
+    return list(seen)
+
+
+def read_curve(folder: Path, loss: str = "total") -> Curve:
+    """One run's curves from ``folder``/metrics.jsonl, the training loss being the term
+    ``loss`` (a one-line CapsctlError when it is not a run folder, has nothing to draw yet, or
+    logs training rows without that term)."""
+    folder, loss = Path(folder), loss.removeprefix(LOSS_PREFIX)
     if not folder.is_dir():
         raise CapsctlError(f"plot: {folder} is not a run folder (no such directory)")
     run = RunFolder(folder)
     if not run.metrics.is_file():
         raise CapsctlError(f"plot: {folder} holds no {run.METRICS}; is it a run folder?")
     rows = run.rows()
-    curve = Curve(run=str(folder), name=folder.resolve().name or str(folder))
+    curve = Curve(run=str(folder), name=folder.resolve().name or str(folder), loss=loss)
+    terms, key = loss_terms(rows), LOSS_PREFIX + loss
+    if terms and loss not in terms:
+        raise CapsctlError(f"plot: {folder} logs no training loss {loss!r}; its terms: "
+                           f"{', '.join(terms)} (--loss NAME)")
     spe = curve.steps_per_epoch = steps_per_epoch(rows)
     at = (lambda s: round(s / spe, 4)) if spe else (lambda s: None)
     curve.val_error = [[at(s), s, v] for s, v in _last_per_step(rows, _val_error)]
     curve.train_loss = [[at(s), s, v] for s, v in _last_per_step(
-        rows, lambda r: r[LOSS_KEY] if _number(r.get(LOSS_KEY)) else None)]
+        rows, lambda r: r[key] if _number(r.get(key)) else None)]
     if curve.val_error:
         best = min(curve.val_error, key=lambda p: (p[2], p[1]))
         curve.best_val_error, curve.best_val_epoch = best[2], best[0]
@@ -111,11 +130,11 @@ def read_curve(folder: Path) -> Curve:
     return curve
 
 
-def curves(folders: list[Path]) -> list[Curve]:
-    """The curves of ``folders``, in the order given."""
+def curves(folders: list[Path], loss: str = "total") -> list[Curve]:
+    """The curves of ``folders`` (training loss: the term ``loss``), in the order given."""
     if not folders:
         raise CapsctlError("plot: give at least one run folder")
-    return [read_curve(Path(f)) for f in folders]
+    return [read_curve(Path(f), loss) for f in folders]
 
 
 def x_unit(runs: list[Curve]) -> str:
@@ -265,8 +284,10 @@ def write_png(runs: list[Curve], path: Path) -> Path:
     val = [(k, [(p[col], p[2]) for p in c.val_error], True) for c, k in zip(runs, colours)]
     loss = [(k, [(p[col], p[2]) for p in c.train_loss], False) for c, k in zip(runs, colours)]
     _panel(d, (LEFT, TOP), "validation error (log scale)", unit, xmax, val, _pct)
-    _panel(d, (2 * LEFT + PLOT_W + GAP, TOP), "training loss (log scale)", unit, xmax, loss,
-           _loss_label)
+    term = runs[0].loss if runs else "total"
+    title = "training loss (log scale)" if term == "total" else \
+        f"training loss: {term} (log scale)"
+    _panel(d, (2 * LEFT + PLOT_W + GAP, TOP), title, unit, xmax, loss, _loss_label)
     for i, (c, k) in enumerate(zip(runs, colours)):
         y = legend_top + 18 * i
         d.line((LEFT, y + 6, LEFT + 24, y + 6), fill=k, width=3)

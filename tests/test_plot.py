@@ -145,6 +145,26 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     assert "Traceback" not in r.output
 
 
+def test_loss_draws_the_term_asked_for_and_refuses_one_the_run_lacks(tmp_path):
+    rows = [dict(train_row(s, 0, 1.0 / s), **{"train/loss_margin": 0.5 / s,
+                                               "train/loss_reconstruction": 0.5 / s})
+            for s in (4, 8)] + [val_row(10, 0.98)]
+    run = write_run(tmp_path / "recon", rows)
+    for asked in ("margin", "train/loss_margin"):
+        c = curves.read_curve(run, asked)
+        assert c.loss == "margin" and [p[2] for p in c.train_loss] == [0.125, 0.0625]
+    assert [p[2] for p in curves.read_curve(run).train_loss] == [0.25, 0.125]
+    r = runner.invoke(app, ["plot", str(run), "--loss", "margin", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["runs"][0]["train_loss"][1][2] == 0.0625
+    other = write_run(tmp_path / "cnn", [train_row(4, 0, 0.3), val_row(10, 0.9)])
+    r = runner.invoke(app, ["plot", str(run), str(other), "--loss", "margin",
+                            "--out", str(tmp_path / "c.png")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "logs no training loss 'margin'; its terms: total" in r.output
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_extreme_values_still_draw(tmp_path):
     rows = [train_row(2, 0, 5e-324), train_row(4, 0, 1e308), val_row(4, 1.0), val_row(8, 0.5),
             train_row(2 ** 62, 1, 0.1)]

@@ -59,19 +59,25 @@ def plot(
         "--json", help="Print exactly one JSON object on stdout: the x unit and each run's "
                        "series as [epoch, step, value] points. Default: a summary table.")]
     = False,
+    loss: Annotated[str, typer.Option(
+        "--loss", metavar="NAME",
+        help="The training loss term to draw: total (default), or one the runs log, e.g. "
+             "margin (comparable between runs with and without reconstruction), "
+             "reconstruction, cross_entropy.")] = "total",
 ):
     """Learning curves: validation error (log scale) and training loss (log scale) against
     epochs, one colour per run, with a legend (best validation error and its epoch, test
     error).
 
-    Examples: capsctl plot runs/a runs/b --out curves.png; capsctl plot runs/sweep/* --json
+    Examples: capsctl plot runs/a runs/b --out curves.png; capsctl plot runs/sweep/* --json;
+    capsctl plot runs/t1-* --loss margin
     """
     from capsctl import curves
 
     png = out if out is not None else (None if as_json else Path("curves.png"))
     if png is not None:
         _check_out(png)
-    drawn = curves.curves(runs)
+    drawn = curves.curves(runs, loss)
     if png is not None:
         curves.write_png(drawn, png)
     if as_json:
