@@ -195,6 +195,7 @@ def as_loaded(family: str, model: dict) -> dict:
 ADDED_SINCE_FORMAT_1 = {"capsnet": {"routing": "dynamic", "leaky_routing": False},
                         "cnn": {"decoder": False, "decoder_hidden": [512, 1024]}}
 LOSS_ADDED_SINCE_FORMAT_1 = {"cnn": {"recon_weight": 0.0005}}   # unused without a decoder
+DATA_ADDED_SINCE_FORMAT_1 = {"mnist": {"augment": "shift"}}
 
 # (family, dataset, (input_size, in_channels, num_classes)) -> the format-2 sections
 CASES = {
@@ -263,7 +264,8 @@ def test_every_renamed_key_lands_where_it_belongs(case, reverse):
     assert to_dict(cfg)["model"] == as_loaded(family, {**model, **added})
     assert set(model) | set(added) == set(format_2_keys(family))
     assert to_dict(cfg)["loss"] == {**want["loss"], **LOSS_ADDED_SINCE_FORMAT_1.get(family, {})}
-    assert to_dict(cfg)["data"] == {"name": dataset, **want["data"]}
+    assert to_dict(cfg)["data"] == {"name": dataset, **want["data"],
+                                    **DATA_ADDED_SINCE_FORMAT_1.get(dataset, {})}
     assert to_dict(cfg)["optim"] == V1["optim"] and to_dict(cfg)["train"] == V1["train"]
     assert from_dict(to_dict(cfg)) == cfg                 # and it round-trips
 

@@ -16,7 +16,7 @@ import torch
 from capsctl.data.augment import generator, place, random_offsets, to_float
 from capsctl.tasks import SINGLE
 
-STREAM_ORDER, STREAM_SHIFT, STREAM_EVAL = 1, 2, 3
+STREAM_ORDER, STREAM_SHIFT, STREAM_EVAL, STREAM_AUGMENT = 1, 2, 3, 4
 
 
 @dataclass
@@ -47,14 +47,17 @@ class DataBundle:
 
 
 class TrainStream:
-    """Shuffled, shifted training batches: ``batch(epoch, k, step)``; drops the last partial batch."""
+    """Shuffled, shifted training batches: ``batch(epoch, k, step)``; drops the last partial batch.
+    ``augment`` (instead of the shift): a callable ``(uint8 (B, H, W), generator) -> float32
+    (B, 1, H, W)`` given a generator seeded by (seed, step), e.g.
+    ``efficient_capsnet_augment.EfficientCapsNetAugment``."""
 
     task = SINGLE
 
     def __init__(self, data: ImageSet, batch_size: int, seed: int, shift: int = 0,
-                 canvas_pad: int = 0):
+                 canvas_pad: int = 0, augment=None):
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.shift, self.canvas_pad = shift, canvas_pad
+        self.shift, self.canvas_pad, self.augment = shift, canvas_pad, augment
         self._perm_epoch, self._perm = None, None
 
     @property
@@ -71,6 +74,9 @@ class TrainStream:
     def batch(self, epoch: int, k: int, step: int) -> dict[str, torch.Tensor]:
         idx = self.permutation(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
         images = self.data.images[idx]
+        if self.augment is not None:
+            g = generator(self.data.device, self.seed, STREAM_AUGMENT, step)
+            return {"x": self.augment(images, g), "y": self.data.labels[idx]}
         offsets = None
         if self.shift:
             g = generator(self.data.device, self.seed, STREAM_SHIFT, step)

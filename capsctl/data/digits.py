@@ -8,6 +8,7 @@ import torch
 
 from capsctl.data import mnist
 from capsctl.data.datasets import DataBundle, EvalSource, ImageSet, TrainStream
+from capsctl.data.efficient_capsnet_augment import EfficientCapsNetAugment
 from capsctl.data.registry import EXPANDED_SIDE
 from capsctl.errors import DataError
 from capsctl.tasks import SINGLE
@@ -38,8 +39,12 @@ def load_mnist_sets(d, device: torch.device, root_flag: str | None = None):
 
 
 def build_mnist(cfg, device, root_flag) -> DataBundle:
+    """MNIST; training batches shifted by up to ``data.shift`` px, or augmented as
+    Efficient-CapsNet's authors do (``data.augment``, efficient_capsnet_augment.py)."""
     train, val, test = load_mnist_sets(cfg.data, device, root_flag)
-    stream = TrainStream(train, cfg.train.batch_size, cfg.train.seed, shift=cfg.data.shift)
+    augment = EfficientCapsNetAugment() if cfg.data.augment == "efficient-capsnet" else None
+    stream = TrainStream(train, cfg.train.batch_size, cfg.train.seed, shift=cfg.data.shift,
+                         augment=augment)
     return DataBundle(stream, EvalSource(val, "val") if val is not None else None,
                       EvalSource(test, "test"), 28, SINGLE)
 

@@ -30,6 +30,15 @@ class MNISTConfig(DataFiles):
     name: str = field("mnist", "dataset: mnist (28x28 digits, LeCun et al.)")
     shift: int = field(2, "random integer shift in pixels each way (zero padding), training only",
                        min=0, max=13)
+    augment: str = field("shift", "training augmentation: shift (data.shift, the paper's) or "
+                         "efficient-capsnet (Efficient-CapsNet's authors' rotate, shift within "
+                         "the margins, squish and erase; needs data.shift 0)",
+                         choices=("shift", "efficient-capsnet"))
+
+    def check(self, source: str) -> None:
+        if self.augment == "efficient-capsnet" and self.shift:
+            raise ConfigError(f"{source}: data.augment=efficient-capsnet shifts by its own rule; "
+                              f"set data.shift=0 (it is {self.shift})")
 
 
 @dataclass
