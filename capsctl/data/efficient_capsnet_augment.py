@@ -146,7 +146,7 @@ def shift(x_B1HW: torch.Tensor, dir_B2: torch.Tensor, amt_B2: torch.Tensor) -> t
 def squish(x_B1HW: torch.Tensor, w_B: torch.Tensor, extra_B: torch.Tensor,
            table: torch.Tensor) -> torch.Tensor:
     """The module's step 3 as one matrix per image: out[..., c] = sum_i x[..., i] S[c, i]."""
-    S_BCI = table.to(x_B1HW.device)[w_B - 1, extra_B]
+    S_BCI = table[w_B - 1, extra_B]
     return torch.matmul(x_B1HW, S_BCI.transpose(1, 2).unsqueeze(1))
 
 
@@ -168,6 +168,8 @@ class EfficientCapsNetAugment:
         self.table = squish_table()
 
     def __call__(self, images_BHW: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if self.table.device != images_BHW.device:
+            self.table = self.table.to(images_BHW.device)     # once, not every step
         p = draw(images_BHW.shape[0], g, images_BHW.device)
         x = images_BHW.unsqueeze(1).float().div_(255.0)
         x = rotate(x, p["angle"])
