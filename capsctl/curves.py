@@ -284,7 +284,7 @@ def write_png(runs: list[Curve], path: Path) -> Path:
     val = [(k, [(p[col], p[2]) for p in c.val_error], True) for c, k in zip(runs, colours)]
     loss = [(k, [(p[col], p[2]) for p in c.train_loss], False) for c, k in zip(runs, colours)]
     _panel(d, (LEFT, TOP), "validation error (log scale)", unit, xmax, val, _pct)
-    term = runs[0].loss if runs else "total"
+    term = runs[0].loss               # one term for every run (``curves``)
     title = "training loss (log scale)" if term == "total" else \
         f"training loss: {term} (log scale)"
     _panel(d, (2 * LEFT + PLOT_W + GAP, TOP), title, unit, xmax, loss, _loss_label)

@@ -56,7 +56,7 @@ def test_shift_moves_whole_pixels_within_the_margins():
     x[:, 0, 10:13, 5:9] = torch.arange(1, 13, dtype=torch.float32).view(3, 4)
     # margins: top 10, bottom 15, left 5, right 19
     dirs = torch.tensor([[0, 0], [1, 1], [0, 1], [1, 0]])        # (row dir, column dir)
-    amts = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.9999, 0.0], [0.9999, 0.9999]])  # (col, row)
+    amts = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.0, 0.9999], [0.9999, 0.9999]])  # (row, col)
     out = A.shift(x, dirs, amts)
     # rows: floor(-0.5 * 10) = -5, floor(0.5 * 16) = 8, floor(-0 * 10) = 0, floor(0.9999 * 16) = 15
     # columns: floor(-0.5 * 5) = -3, floor(0.5 * 20) = 10, floor(0.9999 * 20) = 19,

@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from capsctl.data.augment import to_float
+
 SIDE = 28
 ROTATE_DEG = 30.0      # their angle scale
 SPREAD = 0.33          # their normal's standard deviation
@@ -70,19 +72,22 @@ def squish_table() -> torch.Tensor:
     return table.float()
 
 
-def _clipped_normal(shape, g, device) -> torch.Tensor:
+def _normal(shape, g, device) -> torch.Tensor:
+    """N(0, 0.33) draws (clipped by the caller, as each of their steps does)."""
     return torch.randn(shape, generator=g, device=device) * SPREAD
 
 
 def draw(n: int, g: torch.Generator, device) -> dict[str, torch.Tensor]:
     """The random parameters of ``n`` images, in a fixed order from ``g``: ``angle`` (degrees,
     0 where not rotated), ``shift_dir`` / ``shift_amt`` (n, 2: rows, columns), ``squish_w``,
-    ``squish_extra`` and ``erase`` (n, 2: top row, left column)."""
-    angle = torch.trunc(_clipped_normal(n, g, device).clamp(-0.9999, 0.9999) * ROTATE_DEG)
-    rotate = _clipped_normal(n, g, device).clamp(-0.9999, 0.9999) <= 0
+    ``squish_extra`` and ``erase`` (n, 2: top row, left column). Their shift pairs its two
+    direction draws and two amount draws crosswise - rows take direction 0 and amount 1,
+    columns direction 1 and amount 0 - so the amounts are swapped here into (rows, columns)."""
+    angle = torch.trunc(_normal(n, g, device).clamp(-0.9999, 0.9999) * ROTATE_DEG)
+    rotate = _normal(n, g, device).clamp(-0.9999, 0.9999) <= 0
     shift_dir = torch.floor(torch.rand((n, 2), generator=g, device=device) * 2).long()
-    shift_amt = _clipped_normal((n, 2), g, device).abs().clamp(max=0.9999)
-    squish = _clipped_normal((n, 2), g, device).abs().clamp(max=0.9999)
+    shift_amt = _normal((n, 2), g, device).abs().clamp(max=0.9999).flip(1)
+    squish = _normal((n, 2), g, device).abs().clamp(max=0.9999)
     erase = torch.floor(torch.rand((n, 2), generator=g, device=device) * ERASE_SPAN).long()
     return {"angle": torch.where(rotate, angle, torch.zeros_like(angle)),
             "shift_dir": shift_dir, "shift_amt": shift_amt,
@@ -121,7 +126,7 @@ def _margins(ink_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def shift(x_B1HW: torch.Tensor, dir_B2: torch.Tensor, amt_B2: torch.Tensor) -> torch.Tensor:
     """Whole-pixel shifts within each image's empty margins (the module's step 2), as their
-    roll: rows by the draw of column 0 of ``amt_B2`` and direction ``dir_B2[:, 0]``."""
+    roll; ``dir_B2`` and ``amt_B2`` in (rows, columns) order (``draw``)."""
     B, _, H, W = x_B1HW.shape
     plane = x_B1HW[:, 0]
     top, bottom = _margins(plane.sum(dim=2) > 0)
@@ -132,10 +137,8 @@ def shift(x_B1HW: torch.Tensor, dir_B2: torch.Tensor, amt_B2: torch.Tensor) -> t
         forth = torch.floor(amt * (1 + high).to(amt.dtype))
         return torch.where(direction == 0, back, forth).long()
 
-    # their pairing: the row shift takes amount 1 and direction 0, the column shift amount 0
-    # and direction 1
-    dy_B = amount(amt_B2[:, 1], top, bottom, dir_B2[:, 0])
-    dx_B = amount(amt_B2[:, 0], left, right, dir_B2[:, 1])
+    dy_B = amount(amt_B2[:, 0], top, bottom, dir_B2[:, 0])
+    dx_B = amount(amt_B2[:, 1], left, right, dir_B2[:, 1])
     dev = x_B1HW.device
     rows_BH = (torch.arange(H, device=dev) - dy_B[:, None]) % H
     cols_BW = (torch.arange(W, device=dev) - dx_B[:, None]) % W
@@ -171,8 +174,7 @@ class EfficientCapsNetAugment:
         if self.table.device != images_BHW.device:
             self.table = self.table.to(images_BHW.device)     # once, not every step
         p = draw(images_BHW.shape[0], g, images_BHW.device)
-        x = images_BHW.unsqueeze(1).float().div_(255.0)
-        x = rotate(x, p["angle"])
+        x = rotate(to_float(images_BHW), p["angle"])
         x = shift(x, p["shift_dir"], p["shift_amt"])
         x = squish(x, p["squish_w"], p["squish_extra"], self.table)
         return erase(x, p["erase"])
