@@ -504,3 +504,34 @@ def test_sigint_then_sigterm(tmp_path, under_agent, want):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=60, env=env)
     assert done.returncode == want, done.stdout + done.stderr
+
+
+def test_a_signal_while_a_stopped_process_exits_does_not_kill_it(tmp_path):
+    """After a stop (last.pt written), the interpreter's shutdown would put the default
+    handler back - death by the signal, not exit 130 - so a second Ctrl-C that arrives then
+    is ignored: the process is exiting anyway, with the first signal's code."""
+    script = tmp_path / "int_exit.py"
+    script.write_text(textwrap.dedent("""
+        import atexit, os, signal, sys, time
+        from capsctl.training.signals import SignalStop
+
+        def late():  # registered first, so it runs after the hooks registered below
+            print(*(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT,
+                                                                     signal.SIGTERM)))
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            print("still exiting")
+            sys.stdout.flush()
+
+        atexit.register(late)
+        with SignalStop(under_agent=False) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert stop.received == signal.SIGINT
+        sys.exit(130)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert done.stdout.split() == ["True", "True", "still", "exiting"], \
+        done.stdout + done.stderr

@@ -3,6 +3,7 @@ stop or checkpoint."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -89,7 +90,10 @@ class SignalStop:
 
     def __exit__(self, *exc):
         if self.received is not None or self.signum is not None:  # stopping: a further signal
-            # still means "exit at once" (a second one), or is ignored while we exit (torchrun)
+            # still means "exit at once" (a second one), or is ignored while we exit (torchrun);
+            # once the interpreter shuts down, which resets a Python handler to the default
+            # (death by the signal, not 128 + signum), the process is exiting anyway: ignore it
+            atexit.register(_ignore_stop_signals)
             return
         for s, h in self._old.items():
             signal.signal(s, h)
@@ -99,6 +103,11 @@ class SignalStop:
             r.close()
             w.close()
             self._wakeup = None
+
+
+def _ignore_stop_signals() -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def agree_flags(stop: SignalStop, group: Group, device: torch.device,
